@@ -1,0 +1,45 @@
+"""x86-64 implementation of the core's :class:`uprobe_opt.core.arch.ArchOps`.
+
+A thin adapter: every decision lives in the pure modules of this package.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from uprobe_opt import x86
+
+
+class X86Ops:
+    breakpoint = x86.BREAKPOINT
+    jump_size = x86.JMP_REL32_SIZE
+    slot_size = x86.SLOT_SIZE
+
+    def check_boundary(self, code: bytes, code_addr: int, addr: int):
+        return x86.check_boundary(code, code_addr, addr)
+
+    def adjust_addr(self, code: bytes, code_addr: int, addr: int) -> int:
+        return x86.skip_endbr(code, code_addr, addr)
+
+    def prepare_xol(self, insn: bytes, addr: int, slot_addr: int):
+        return x86.prepare_xol(insn, addr, slot_addr)
+
+    def check(self, func_code: bytes, func_addr: int, func_size: int | None, addr: int,
+              other_probes: Iterable[int] = ()):
+        return x86.can_optimize(func_code, func_addr, func_size, addr,
+                                other_probes=tuple(other_probes))
+
+    def prepare(self, region, slot_addr: int, handler):
+        return x86.build_detour(region, slot_addr, handler)
+
+    def within(self, region, addr: int) -> bool:
+        return region.addr < addr < region.addr + region.size
+
+    def optimize(self, region, slot_addr: int) -> tuple[bytes, bytes]:
+        jmp = x86.jump_bytes(region.addr, slot_addr)
+        return jmp[1:], jmp[:1]
+
+    def unoptimize(self, region) -> tuple[bytes, bytes]:
+        return x86.BREAKPOINT, region.orig[1:x86.JMP_REL32_SIZE]
+
+    def handler_spec(self, kind: str, **kw):
+        return x86.HandlerSpec(kind=kind, **kw)
