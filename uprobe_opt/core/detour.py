@@ -1,0 +1,207 @@
+"""Detour areas: code and data pages mapped in the target near the probed code.
+
+An area is two adjacent mappings placed in a free gap of the target's address space,
+within rel32 reach (+-2 GiB) of the code it serves (x86-64 ``jmp rel32``, Intel SDM
+vol. 2A "JMP"):
+
+- a code mapping, ``r-x``, private anonymous, written only through /proc/PID/mem; it
+  holds fixed-size slots (XOL copies and detours);
+- a data mapping, ``rw-``, ``MAP_SHARED`` of a file in /dev/shm that the tracer maps
+  too, so counters are read without stopping the target, even after it exited.  The
+  target's file descriptor is closed right after mmap and the file unlinked: nothing is
+  left open in the target.
+
+No mapping is ever writable and executable.  Slots are never reused within a session:
+a thread may still run in a detour that was just taken out of service (the kernel waits
+an RCU-tasks grace period before freeing; we simply do not free).
+"""
+from __future__ import annotations
+
+import itertools
+import mmap as _mmap
+import os
+import struct
+
+from uprobe_opt.errors import TargetError
+
+PAGE = 4096
+CODE_SIZE = 64 * 1024
+DATA_SIZE = 64 * 1024
+AREA_SIZE = CODE_SIZE + DATA_SIZE
+REACH = (1 << 31) - (16 << 20)      # keep 16 MiB of slack under the rel32 limit
+HEAP_ROOM = 256 << 20               # never place an area within this of [heap]'s end
+STACK_ROOM = 16 << 20               # nor this close below a stack (it grows down)
+MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS = 0x01, 0x02, 0x20
+MAP_FIXED_NOREPLACE = 0x100000
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+SYS_close, SYS_openat = 3, 257
+AT_FDCWD = -100
+O_RDWR, O_CLOEXEC = 0o2, 0o2000000
+_serial = itertools.count()
+
+
+class NoDetourSpace(Exception):
+    """No free gap within +-2 GiB of the address."""
+
+
+class Counter:
+    """Per-CPU counters of one site: ``nslots`` u64 at a 64-byte stride (one cache line
+    each), summed by the tracer.  ``addr`` is the target address of slot 0."""
+
+    def __init__(self, area: "DetourArea", offset: int, nslots: int):
+        self.area, self.offset, self.nslots = area, offset, nslots
+        self.addr = area.data_addr + offset
+
+    def value(self) -> int:
+        buf = self.area.shm
+        return sum(struct.unpack_from("<Q", buf, self.offset + 64 * i)[0]
+                   for i in range(self.nslots))
+
+
+class DetourArea:
+    def __init__(self, target, addr: int, slot_size: int):
+        self.target = target
+        self.code_addr = addr
+        self.data_addr = addr + CODE_SIZE
+        self.slot_size = slot_size
+        self.next_slot = 0
+        self.nslots = CODE_SIZE // slot_size - 1     # the last slot holds the shm path
+        self.next_data = 0
+        self.shm = None
+        self.shm_path = None
+
+    def contains(self, addr: int) -> bool:
+        return self.code_addr <= addr < self.code_addr + AREA_SIZE
+
+    def in_reach(self, addr: int) -> bool:
+        return (abs(self.code_addr - addr) < REACH
+                and abs(self.code_addr + CODE_SIZE - addr) < REACH)
+
+    def alloc_slot(self) -> int | None:
+        if self.next_slot >= self.nslots:
+            return None
+        addr = self.code_addr + self.next_slot * self.slot_size
+        self.next_slot += 1
+        return addr
+
+    def alloc_counter(self, nslots: int) -> Counter | None:
+        size = 64 * nslots
+        if self.next_data + size > DATA_SIZE:
+            return None
+        counter = Counter(self, self.next_data, nslots)
+        self.next_data += size
+        return counter
+
+    # -- mapping ----------------------------------------------------------------------
+    def map(self) -> None:
+        """Map code (r-x, private) and data (rw-, shared with the tracer) at code_addr.
+        All threads must be stopped (remote syscalls)."""
+        t = self.target
+        t.mmap(self.code_addr, CODE_SIZE, PROT_READ | PROT_EXEC,
+               MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE)
+        try:
+            self._map_shared_data()
+        except Exception:
+            t.munmap(self.code_addr, CODE_SIZE)
+            raise
+
+    def _map_shared_data(self) -> None:
+        t = self.target
+        path = f"/dev/shm/uprobe-opt.{os.getpid()}.{next(_serial)}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, DATA_SIZE)
+            self.shm = _mmap.mmap(fd, DATA_SIZE)
+            # The path string must be in target memory for openat(2): put it in the
+            # reserved last slot of our own code page (readable, never executed).
+            path_addr = self.code_addr + self.nslots * self.slot_size
+            t.write(path_addr, path.encode() + b"\0")
+            tfd = t.syscall(SYS_openat, AT_FDCWD & (2**64 - 1), path_addr,
+                            O_RDWR | O_CLOEXEC, 0)
+            if tfd < 0:
+                raise TargetError(f"target could not open {path}: errno {-tfd}",
+                                  pid=t.pid)
+            try:
+                t.mmap(self.data_addr, DATA_SIZE, PROT_READ | PROT_WRITE,
+                       MAP_SHARED | MAP_FIXED_NOREPLACE, tfd, 0)
+            finally:
+                t.syscall(SYS_close, tfd)
+        finally:
+            os.close(fd)
+            os.unlink(path)
+
+    def unmap(self) -> None:
+        self.target.munmap(self.code_addr, AREA_SIZE)
+
+
+def find_gap(maps, near: int, size: int) -> int:
+    """Lowest-distance page-aligned address for ``size`` bytes in a free gap of
+    ``maps`` (sorted Mapping list) with the whole range within REACH of ``near``.
+
+    Never right after ``[heap]`` (brk must stay free to grow: HEAP_ROOM) nor just below a
+    stack.  Raises NoDetourSpace.
+    """
+    best = None
+    spans = sorted((m.start, m.end, m.path) for m in maps)
+    prev_end, prev_path = 0x10000, ""
+    for start, end, path in spans + [(0x7fff_ffff_f000, 0, "")]:
+        lo, hi = prev_end, start
+        if prev_path == "[heap]":
+            lo += HEAP_ROOM
+        if path.startswith("[stack"):
+            hi -= STACK_ROOM
+        lo, hi = lo + (1 << 20), hi - (1 << 20)      # 1 MiB of air on both sides
+        for cand in _candidates(lo, hi, size, near):
+            if abs(cand - near) < REACH and abs(cand + size - near) < REACH:
+                if best is None or abs(cand - near) < abs(best - near):
+                    best = cand
+        prev_end, prev_path = max(prev_end, end), path
+    if best is None:
+        raise NoDetourSpace(f"no detour page within +-2 GiB of {near:#x}")
+    return best
+
+
+def _candidates(lo: int, hi: int, size: int, near: int):
+    lo = (lo + PAGE - 1) & ~(PAGE - 1)
+    hi = hi & ~(PAGE - 1)
+    if hi - lo < size:
+        return
+    yield lo
+    yield hi - size
+    mid = (near - size // 2) & ~(PAGE - 1)
+    if lo <= mid <= hi - size:
+        yield mid
+
+
+class DetourPool:
+    """All detour areas of one target; hands out slots near a given address."""
+
+    def __init__(self, target, slot_size: int):
+        self.target = target
+        self.slot_size = slot_size
+        self.areas: list[DetourArea] = []
+
+    def _area_near(self, addr: int) -> DetourArea:
+        for area in self.areas:
+            if area.in_reach(addr) and area.next_slot < area.nslots:
+                return area
+        base = find_gap(self.target.maps(), addr, AREA_SIZE)
+        area = DetourArea(self.target, base, self.slot_size)
+        area.map()
+        self.areas.append(area)
+        return area
+
+    def slot_near(self, addr: int) -> int:
+        """A fresh slot (absolute target address) within rel32 reach of addr."""
+        area = self._area_near(addr)
+        return area.alloc_slot()
+
+    def counter_near(self, addr: int, nslots: int) -> Counter:
+        area = self._area_near(addr)
+        counter = area.alloc_counter(nslots)
+        if counter is None:
+            raise NoDetourSpace(f"detour data page near {addr:#x} is full")
+        return counter
+
+    def owner_of(self, addr: int) -> DetourArea | None:
+        return next((a for a in self.areas if a.contains(addr)), None)

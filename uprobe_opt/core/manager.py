@@ -1,0 +1,512 @@
+"""The probe manager: arming, hits, the optimizer and detach (kernel/kprobes.c's role).
+
+It owns every :class:`Site` of one target and talks to the target only through the
+target layer's contract (stop_all/resume_all, read/write, registers, remote syscalls)
+and to the instruction set only through :class:`~uprobe_opt.core.arch.ArchOps`.
+
+Patch protocol (the order is the safety argument; see design.md "Quiescence point"):
+
+* arm: write the XOL copy into a fresh slot (unreachable until the breakpoint exists),
+  then the one-byte breakpoint.  A single byte store is atomic for instruction fetch,
+  so arming needs no quiescence; we stop all threads anyway for the remote mmap.
+* optimize (batched): build the detour in a fresh slot, stop all threads, defer every
+  site that a thread's rip or a word of its live stack points strictly into (it could
+  resume in bytes 2..5 of the jump), write the jump's tail while the breakpoint still
+  guards the first byte, then the first byte; resume all.
+* unoptimize: breakpoint first, then the original tail (threads that arrive meanwhile
+  trap and run out of line, never over half-restored bytes).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import traceback
+from typing import Callable, Iterable
+
+from uprobe_opt.core.detour import DetourPool, NoDetourSpace
+from uprobe_opt.core.probe import HANDLER_KINDS, Probe, Site
+from uprobe_opt.core.regs import GPR_NAMES, Regs
+from uprobe_opt.errors import ProbeError, SymbolError, TargetError, UsageError
+
+STACK_SCAN_LIMIT = 256 * 1024   # bytes of each thread's live stack scanned at quiescence
+RETRY_DELAY = 0.005             # seconds before a deferred site is tried again
+MAX_DEFERRALS = 2000
+
+
+class ProbeManager:
+    def __init__(self, target, arch, *, optimize: bool = True, log: Callable = None):
+        self.target = target
+        self.arch = arch
+        self.optimize_enabled = optimize
+        self.sites: dict[int, Site] = {}
+        self.probes: list[Probe] = []
+        self.trap_sites: dict[int, Site] = {}   # detour trap address -> site
+        self.former_sites: set[int] = set()    # addresses we once patched
+        self.optimizing: list[Site] = []        # the kernel's optimizing_list
+        self.pool = DetourPool(target, arch.slot_size)
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.ncpu_slots = 1 << max(0, (os.cpu_count() or 1) - 1).bit_length()
+        self.rseq_offset: int | None = None
+        self.pauses: list[float] = []            # seconds each quiescence point lasted
+        target.fork_hook = self.on_fork
+
+    # -- helpers ----------------------------------------------------------------------
+    def recovered(self, addr: int, size: int) -> bytes:
+        """Target bytes at [addr, addr+size) with our own patches replaced by the
+        original bytes (kernel recover_probed_instruction): analysis never sees them."""
+        buf = bytearray(self.target.read(addr, size))
+        for site in self.sites.values():
+            if site.armed and addr - 16 < site.addr < addr + size:
+                patched = self.arch.jump_size if site.optimized else 1
+                for i in range(min(patched, len(site.orig))):
+                    if addr <= site.addr + i < addr + size:
+                        buf[site.addr + i - addr] = site.orig[i]
+        return bytes(buf)
+
+    def _stopped(self):
+        return _AllStopped(self.target, self.pauses)
+
+    # -- registration -----------------------------------------------------------------
+    def register(self, resolved, handler: str = "python", pre_handler: Callable = None,
+                 spec: str | None = None, optimize: bool = True) -> Probe:
+        """Register and arm a probe at a resolved symbols.Site.  Raises SymbolError when
+        the address is not an instruction boundary, UsageError for a bad handler."""
+        if handler not in HANDLER_KINDS:
+            raise UsageError(f"unknown handler {handler!r} (choose from {HANDLER_KINDS})")
+        if handler in ("python",) and pre_handler is None:
+            raise UsageError("handler 'python' needs a pre_handler callable")
+        with self._stopped():
+            addr = self._check_site(resolved)
+            site = self.sites.get(addr) or self._new_site(addr, resolved)
+            probe = Probe(spec or resolved.spec, resolved.addr, site, handler, pre_handler,
+                          resolved.symbol, optimize)
+            site.probes.append(probe)
+            self.probes.append(probe)
+            self._probe_enabled(probe)
+            self._site_changed(site)
+        return probe
+
+    def _check_site(self, resolved) -> int:
+        """can_probe: decode from the function start, land exactly on addr; skip endbr64.
+        Returns the address to patch."""
+        addr = resolved.addr
+        if resolved.func_addr is None or not resolved.func_size:
+            raise SymbolError(f"no function symbol contains {addr:#x}: cannot prove it is "
+                              "an instruction boundary", addr=addr, pid=self.target.pid)
+        code = self.recovered(resolved.func_addr, resolved.func_size)
+        refusal = self.arch.check_boundary(code, resolved.func_addr, addr)
+        if refusal is not None:
+            raise SymbolError(f"{resolved.spec}: {refusal}", addr=addr, pid=self.target.pid)
+        if addr == resolved.func_addr:
+            addr = self.arch.adjust_addr(code, resolved.func_addr, addr)
+        live = self.target.read(addr, 1)
+        if live == self.arch.breakpoint and addr not in self.sites:
+            raise SymbolError(f"{resolved.spec}: a breakpoint not planted by uprobe-opt is "
+                              f"already at {addr:#x} (another debugger, or the program's "
+                              "own int3)", addr=addr, pid=self.target.pid)
+        return addr
+
+    def _new_site(self, addr: int, resolved) -> Site:
+        n = max(self.arch.jump_size, 16)
+        end = resolved.func_addr + resolved.func_size
+        orig = self.recovered(addr, max(1, min(n, end - addr)))
+        site = Site(addr, orig, resolved.func_addr, resolved.func_size,
+                    want_optimize=self.optimize_enabled)
+        self.sites[addr] = site
+        return site
+
+    def _probe_enabled(self, probe: Probe) -> None:
+        if probe.site.counter is not None:
+            probe._counter_snap = probe.site.counter.value()
+
+    def _probe_disabled(self, probe: Probe) -> None:
+        if probe.site.counter is not None:
+            probe._frozen_counted += probe.site.counter.value() - probe._counter_snap
+
+    def enable(self, probe: Probe) -> None:
+        if probe.enabled or probe.is_gone:
+            return
+        with self._stopped():
+            probe.enabled = True
+            self._probe_enabled(probe)
+            self._site_changed(probe.site)
+
+    def disable(self, probe: Probe) -> None:
+        if not probe.enabled or probe.is_gone:
+            return
+        with self._stopped():
+            self._probe_disabled(probe)
+            probe.enabled = False
+            self._site_changed(probe.site)
+
+    def unregister(self, probe: Probe) -> None:
+        if not probe.registered:
+            return
+        with self._stopped():
+            if probe.enabled:
+                self._probe_disabled(probe)
+            probe.enabled = False
+            probe.registered = False
+            probe.site.probes.remove(probe)
+            self._site_changed(probe.site)
+
+    # -- site state machine -----------------------------------------------------------
+    def _site_changed(self, site: Site) -> None:
+        """Bring a site's patch in line with its probes (all threads stopped)."""
+        kind = site.wanted_kind()
+        if kind is None:
+            self._unoptimize(site)
+            self._disarm(site)
+            if not site.probes:
+                self.sites.pop(site.addr, None)
+                self._dequeue(site)
+            return
+        if not site.armed:
+            self._arm(site)
+        if site.optimized and site.detour_kind != kind:
+            self._unoptimize(site)
+        self._collision_check(site)
+        if (not site.optimized and site.want_optimize
+                and any(p.want_optimize for p in site.enabled_probes())):
+            self._enqueue(site)
+
+    def _collision_check(self, site: Site) -> None:
+        """A new probe inside an optimized region forces that region back to int3
+        (kernel __arm_kprobe -> unoptimize immediately)."""
+        for other in list(self.sites.values()):
+            if other is not site and other.optimized and self.arch.within(other.region, site.addr):
+                self._unoptimize(other)
+                other.refusal = f"probe at {site.addr:#x} inside the region"
+
+    def _arm(self, site: Site) -> None:
+        if site.xol_addr is None:
+            try:
+                slot = self.pool.slot_near(site.addr)
+            except NoDetourSpace as e:
+                raise TargetError(f"cannot arm {site.addr:#x}: {e}", addr=site.addr) from None
+            plan = self.arch.prepare_xol(site.orig, site.addr, slot)
+            if not hasattr(plan, "code"):
+                raise SymbolError(f"cannot probe {site.addr:#x}: {plan}", addr=site.addr)
+            self.target.write(slot, plan.code)
+            site.xol_addr = slot
+        self.target.write(site.addr, self.arch.breakpoint)
+        site.armed = True
+        self.former_sites.add(site.addr)
+
+    def _disarm(self, site: Site) -> None:
+        if site.armed:
+            self.target.write(site.addr, site.orig[:1])
+            site.armed = False
+
+    def _enqueue(self, site: Site) -> None:
+        if site not in self.optimizing:
+            site.retry_at = 0.0
+            self.optimizing.append(site)
+
+    def _dequeue(self, site: Site) -> None:
+        if site in self.optimizing:
+            self.optimizing.remove(site)
+
+    # -- optimizer --------------------------------------------------------------------
+    def optimize_pending(self, *, force: bool = False) -> int:
+        """Try to optimize every queued site that is due: one quiescence point for the
+        batch.  Returns how many sites were optimized."""
+        now = time.monotonic()
+        due = [s for s in self.optimizing if force or s.retry_at <= now]
+        if not due:
+            return 0
+        with self._stopped():
+            ready = [s for s in due if self._prepare_detour(s)]
+            if not ready:
+                return 0
+            busy = self._busy_ranges(ready)
+            done = 0
+            for site in ready:
+                if site.addr in busy:
+                    site.deferrals += 1
+                    site.retry_at = now + RETRY_DELAY * min(site.deferrals, 20)
+                    if site.deferrals >= MAX_DEFERRALS:
+                        site.refusal = busy[site.addr]
+                        self._dequeue(site)
+                    continue
+                self._write_jump(site)
+                done += 1
+        return done
+
+    def _prepare_detour(self, site: Site) -> bool:
+        """Analyse the site and write its detour into a fresh slot (not yet reachable).
+        False when the site stays int3 (site.refusal says why) or nothing is needed."""
+        kind = site.wanted_kind()
+        if kind is None or not site.armed:
+            self._dequeue(site)
+            return False
+        if site.detour is not None and site.detour_kind == kind:
+            return True
+        func_code = self.recovered(site.func_addr, site.func_size)
+        others = [a for a in self.sites if a != site.addr]
+        region = self.arch.check(func_code, site.func_addr, site.func_size, site.addr, others)
+        if not hasattr(region, "size"):
+            return self._refuse(site, region)
+        try:
+            slot = self.pool.slot_near(site.addr)
+            spec = self._handler_spec(site, kind)
+        except NoDetourSpace as e:
+            return self._refuse(site, str(e))
+        detour = self.arch.prepare(region, slot, spec)
+        if not hasattr(detour, "code"):
+            return self._refuse(site, detour)
+        self.target.write(slot, detour.code)
+        if site.detour is not None and site.detour.trap_addr is not None:
+            self.trap_sites.pop(site.detour.trap_addr, None)
+        site.region, site.detour, site.detour_kind = region, detour, kind
+        site.orig = region.orig if len(region.orig) >= len(site.orig) else site.orig
+        if detour.trap_addr is not None:
+            self.trap_sites[detour.trap_addr] = site
+        return True
+
+    def _refuse(self, site: Site, refusal) -> bool:
+        site.refusal = refusal
+        self._dequeue(site)
+        return False
+
+    def _handler_spec(self, site: Site, kind: str):
+        if kind != "count":
+            return self.arch.handler_spec(kind)
+        if site.counter is None:
+            site.counter = self.pool.counter_near(site.addr, self.ncpu_slots)
+            for p in site.probes:
+                p._counter_snap = 0
+        return self.arch.handler_spec("count", counter_addr=site.counter.addr,
+                                      ncpu_slots=self.ncpu_slots,
+                                      rseq_offset=self.rseq_offset)
+
+    def _busy_ranges(self, sites: list[Site]) -> dict[int, str]:
+        """Sites some thread could resume inside: rip or a live stack word strictly
+        inside the region (a preempted or signalled thread, a return address), or
+        anywhere in the site's XOL slot (it jumps back to the first instruction's end,
+        which may lie inside the region)."""
+        busy: dict[int, str] = {}
+        spans = []
+        for s in sites:
+            spans.append((s.region.addr + 1, s.region.addr + s.region.size, s))
+            spans.append((s.xol_addr, s.xol_addr + self.arch.slot_size, s))
+        maps = self.target.maps()
+        for tid in self.target.tids:
+            try:
+                regs = self.target.get_regs(tid)
+            except TargetError:
+                continue
+            words = [regs.rip] + self._stack_words(regs.rsp, maps)
+            for w in words:
+                for lo, hi, s in spans:
+                    if lo <= w < hi and s.addr not in busy:
+                        where = "rip" if w == regs.rip else "a stack word"
+                        busy[s.addr] = (f"thread {tid} keeps {where} {w:#x} inside the "
+                                        f"region at {s.addr:#x}")
+        return busy
+
+    def _stack_words(self, rsp: int, maps) -> list[int]:
+        m = next((m for m in maps if m.start <= rsp < m.end), None)
+        if m is None:
+            return []
+        end = min(m.end, rsp + STACK_SCAN_LIMIT)
+        start = rsp & ~7
+        try:
+            data = self.target.read(start, end - start)
+        except TargetError:
+            return []
+        import array
+        arr = array.array("Q")
+        arr.frombytes(data[: len(data) // 8 * 8])
+        return arr.tolist()
+
+    def _write_jump(self, site: Site) -> None:
+        # The breakpoint at site.addr keeps guarding the site while the tail is written;
+        # the first byte goes last (kernel text_poke_bp order).
+        tail, head = self.arch.optimize(site.region, site.detour.slot_addr)
+        self.target.write(site.addr + 1, tail)
+        self.target.write(site.addr, head)
+        site.optimized = True
+        site.refusal = None
+        site.deferrals = 0
+        self._dequeue(site)
+
+    def _unoptimize(self, site: Site) -> None:
+        if not site.optimized:
+            return
+        head, tail = self.arch.unoptimize(site.region)
+        self.target.write(site.addr, head)       # breakpoint first
+        self.target.write(site.addr + 1, tail)   # then the original tail
+        site.optimized = False
+
+    def set_optimize(self, enabled: bool) -> None:
+        """The user switch (like sysctl debug.kprobes-optimization)."""
+        self.optimize_enabled = enabled
+        with self._stopped():
+            for site in list(self.sites.values()):
+                site.want_optimize = enabled
+                if enabled:
+                    self._site_changed(site)
+                else:
+                    self._unoptimize(site)
+                    self._dequeue(site)
+
+    # -- hits -------------------------------------------------------------------------
+    def on_trap(self, tid: int, *, resume: bool = True, rewind: bool = False) -> bool:
+        """Handle an int3 SIGTRAP of thread tid.  Returns True when it was ours.  With
+        resume=False the thread is left stopped (rip already set); with rewind=True an
+        int3 hit resumes at the site itself (used when the original bytes return)."""
+        regs = self.target.get_regs(tid)
+        pc = regs.rip - 1
+        site = self.sites.get(pc)
+        if site is not None and site.xol_addr is not None and (site.armed or site.optimized):
+            self._int3_hit(site, tid, regs, rewind)
+        elif pc in self.trap_sites:
+            self._detour_hit(self.trap_sites[pc], tid, regs)
+        elif pc in self.former_sites and self.target.read(pc, 1) != self.arch.breakpoint:
+            # It trapped on a breakpoint we have since removed: run the original
+            # instruction, which is back in place (kernel: "the int3 is gone").
+            regs.rip = pc
+            self.target.set_regs(tid, regs)
+        else:
+            if resume:
+                self.target.resume(tid, signal.SIGTRAP)
+            return False
+        if resume:
+            self.target.resume(tid)
+        return True
+
+    def _int3_hit(self, site: Site, tid: int, regs, rewind: bool = False) -> None:
+        values = {name: getattr(regs, name) for name in GPR_NAMES}
+        values["rip"] = site.addr
+        view = self._run_handlers(site, tid, values)
+        if view is not None and view.dirty:
+            for name in view.dirty:
+                setattr(regs, name, view.as_dict()[name])
+        if view is None or "rip" not in view.dirty:
+            # Resume out of line: the displaced instruction runs from the XOL slot and
+            # jumps back; the breakpoint never leaves the site.
+            regs.rip = site.addr if rewind else site.xol_addr
+        self.target.set_regs(tid, regs)
+
+    def _detour_hit(self, site: Site, tid: int, regs) -> None:
+        from uprobe_opt.x86 import frame as fr
+        raw = self.target.read(regs.rsp, fr.FRAME_SIZE)
+        frame = fr.unpack_frame(raw)
+        values = {name: getattr(regs, name) for name in GPR_NAMES}
+        values.update(frame)
+        values["rip"] = site.addr
+        view = self._run_handlers(site, tid, values)
+        if view is not None and view.dirty - {"rip", "rsp"}:
+            new = dict(frame)
+            new.update({k: v for k, v in view.as_dict().items() if k in frame
+                        and k not in ("rip", "rsp")})
+            self.target.write(regs.rsp, fr.pack_frame(new))
+
+    def _run_handlers(self, site: Site, tid: int, values: dict) -> Regs | None:
+        view = None
+        for probe in site.enabled_probes():
+            probe._hits += 1
+            if probe.pre_handler is None:
+                continue
+            if view is None:
+                view = Regs(values, tid, self.target)
+            try:
+                probe.pre_handler(probe, view)
+            except Exception:
+                probe.nerrors += 1
+                if probe.nerrors <= 3:
+                    self.log(f"uprobe-opt: pre_handler of {probe.spec} raised:\n"
+                             + traceback.format_exc().rstrip())
+        return view
+
+    # -- life-cycle events ------------------------------------------------------------
+    def on_fork(self, child) -> None:
+        """A forked child inherits our patched text but not our tracer: put every
+        original byte back in the child before it runs (it would die of SIGTRAP)."""
+        for site in self.sites.values():
+            if site.optimized:
+                child.write(site.addr, site.orig[: self.arch.jump_size])
+            elif site.armed:
+                child.write(site.addr, site.orig[:1])
+
+    def on_exec(self) -> None:
+        """The address space is gone: every probe is gone; never write again."""
+        for probe in self.probes:
+            if probe.registered and not probe.is_gone:
+                probe.gone_reason = "target exec'd a new program"
+        for site in self.sites.values():
+            site.armed = site.optimized = False
+        self.optimizing.clear()
+
+    def shutdown(self) -> list[str]:
+        """Detach sequence (all threads stopped): handle trap events still queued (their
+        hits count; the thread is rewound to the site, whose original bytes return),
+        restore every byte, unmap idle detour areas, release the trapped threads.
+        Returns notes for the user."""
+        held = []
+        for ev in self.target.poll(0):
+            if type(ev).__name__ == "TrapEvent":
+                held.append((ev.tid, self.on_trap(ev.tid, resume=False, rewind=True)))
+        self.restore_all()
+        notes = self.release_areas()
+        for tid, ours in held:
+            self.target.resume(tid, 0 if ours else signal.SIGTRAP)
+        return notes
+
+    def restore_all(self) -> None:
+        """Unoptimize and disarm every site (all threads stopped).  The code of the
+        target is byte-identical to before afterwards."""
+        for site in self.sites.values():
+            self._unoptimize(site)
+            self._disarm(site)
+        self.optimizing.clear()
+
+    def release_areas(self) -> list[str]:
+        """Unmap detour areas no thread can be in (rip or a live stack word inside).
+        Returns notes about areas left mapped."""
+        notes = []
+        maps = self.target.maps()
+        words = []
+        for tid in self.target.tids:
+            try:
+                regs = self.target.get_regs(tid)
+            except TargetError:
+                continue
+            words.append(regs.rip)
+            words += self._stack_words(regs.rsp, maps)
+        for area in self.pool.areas:
+            if any(area.contains(w) for w in words):
+                notes.append(f"detour area at {area.code_addr:#x} left mapped: a thread "
+                             "may still be inside it")
+                continue
+            try:
+                area.unmap()
+            except TargetError as e:
+                notes.append(f"could not unmap detour area at {area.code_addr:#x}: {e}")
+        return notes
+
+
+class _AllStopped:
+    """Context manager: all threads stopped inside, previous state restored after."""
+
+    def __init__(self, target, pauses: list):
+        self.target = target
+        self.pauses = pauses
+        self.t0 = 0.0
+        self.was_stopped = True
+
+    def __enter__(self):
+        self.was_stopped = self.target.stopped
+        self.t0 = time.monotonic()
+        if not self.was_stopped:
+            self.target.stop_all()
+        return self
+
+    def __exit__(self, *exc):
+        if not self.was_stopped and not self.target.exited:
+            self.target.resume_all()
+            self.pauses.append(time.monotonic() - self.t0)
+        return False

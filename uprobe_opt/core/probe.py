@@ -1,0 +1,140 @@
+"""Probe objects: the arch-independent half of the probe life cycle (like kernel/kprobes.c).
+
+A :class:`Probe` is what a user registered (a spec, a handler).  Several probes at one
+address share one :class:`Site` (the kernel's *aggregated probe*): one breakpoint, one
+out-of-line (XOL) copy, at most one detour.  States are read through ``is_*``
+predicates and :attr:`Probe.state`; staging (queued for optimization) is shown by which
+queue of the :class:`~uprobe_opt.core.manager.ProbeManager` a site is on.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+HANDLER_KINDS = ("python", "print", "count")
+_ids = itertools.count(1)
+
+
+class ProbeState(enum.Enum):
+    REGISTERED = "registered"   # resolved, not yet in the target
+    INT3 = "int3"               # armed with a breakpoint (unoptimized)
+    OPTIMIZED = "optimized"     # the site jumps to a detour
+    DISABLED = "disabled"       # registered but not counting; the site may be disarmed
+    GONE = "gone"               # the address space it lived in is gone (exec)
+
+
+@dataclass(eq=False)
+class Site:
+    """One patched address in the target, shared by every probe planted there.
+
+    ``addr`` is where the breakpoint/jump is written (absolute, target address space),
+    ``orig`` the original bytes there (at least the jump size; the whole region once
+    analysed), ``func_addr``/``func_size`` the containing function.
+    """
+    addr: int
+    orig: bytes
+    func_addr: int | None
+    func_size: int | None
+    probes: list["Probe"] = field(default_factory=list)
+    armed: bool = False            # breakpoint (or jump) present in the target
+    xol_addr: int | None = None    # out-of-line copy of the instruction at addr
+    region: Any = None             # arch Region when analysed
+    detour: Any = None             # arch Detour when a detour is written
+    detour_kind: str | None = None
+    optimized: bool = False        # the jump is written
+    counter: Any = None            # (Counter) per-CPU counters for the count handler
+    refusal: Any = None            # why the site stays int3 (arch Refusal or str)
+    retry_at: float = 0.0          # monotonic seconds: next optimization attempt
+    deferrals: int = 0
+    want_optimize: bool = True     # False under --no-optimize (Tracer(optimize=False))
+
+    def enabled_probes(self) -> list["Probe"]:
+        return [p for p in self.probes if p.enabled]
+
+    def wanted_kind(self) -> str | None:
+        """The detour handler this site needs: python (a trap per hit) if any enabled
+        probe has a Python-side handler, count if all are counters, None if none enabled."""
+        kinds = {p.handler for p in self.enabled_probes()}
+        if not kinds:
+            return None
+        return "count" if kinds == {"count"} else "python"
+
+
+class Probe:
+    """A registered probe.
+
+    ``addr`` is the address the user asked for (absolute, target); the site may sit a
+    few bytes later (endbr64 is skipped like the kernel's ``arch_adjust_kprobe_addr``).
+    ``pre_handler(probe, regs)`` runs in the tracer for ``python``/``print`` handlers.
+    """
+
+    def __init__(self, spec: str, addr: int, site: Site, handler: str,
+                 pre_handler: Callable | None, symbol: str | None, want_optimize: bool):
+        self.id = next(_ids)
+        self.spec = spec
+        self.addr = addr
+        self.site = site
+        self.handler = handler
+        self.pre_handler = pre_handler
+        self.symbol = symbol
+        self.want_optimize = want_optimize
+        self.enabled = True
+        self.gone_reason: str | None = None
+        self.registered = True
+        self.nerrors = 0            # exceptions raised by pre_handler
+        self.nmissed = 0            # hits whose handler could not run
+        self._hits = 0              # hits seen by the tracer (int3 path, detour traps)
+        self._frozen_counted = 0    # in-process counted hits while previously enabled
+        self._counter_snap = 0      # site counter value when last enabled
+
+    # -- predicates ---------------------------------------------------------------
+    @property
+    def is_gone(self) -> bool:
+        return self.gone_reason is not None
+
+    @property
+    def is_optimized(self) -> bool:
+        return not self.is_gone and self.enabled and self.site.optimized
+
+    @property
+    def state(self) -> ProbeState:
+        if self.is_gone:
+            return ProbeState.GONE
+        if not self.enabled:
+            return ProbeState.DISABLED
+        if self.site.optimized:
+            return ProbeState.OPTIMIZED
+        if self.site.armed:
+            return ProbeState.INT3
+        return ProbeState.REGISTERED
+
+    @property
+    def reason(self) -> str | None:
+        """Why this probe is not optimized (None when optimized or not asked to be)."""
+        if self.is_gone:
+            return self.gone_reason
+        if self.state is ProbeState.OPTIMIZED or not self.want_optimize \
+                or not self.site.want_optimize:
+            return None
+        if self.site.refusal is not None:
+            return str(self.site.refusal)
+        if self.state is ProbeState.INT3:
+            return "optimization pending"
+        return None
+
+    def __repr__(self) -> str:
+        return f"<Probe #{self.id} {self.spec} @{self.addr:#x} {self.state.value}>"
+
+
+def _probe_nhit(self: Probe) -> int:
+    """Hits so far: tracer-seen hits plus in-process counted ones (exact; the counters
+    live in a shared mapping the tracer reads even after the target is gone)."""
+    n = self._hits + self._frozen_counted
+    if self.enabled and self.site.counter is not None:
+        n += self.site.counter.value() - self._counter_snap
+    return n
+
+
+Probe.nhit = property(_probe_nhit)

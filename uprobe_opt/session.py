@@ -1,0 +1,233 @@
+"""The public API: a traced process and its probes.
+
+Example::
+
+    from uprobe_opt import Tracer
+
+    with Tracer.spawn(["./loop", "1000"]) as t:
+        p = t.add_probe("work", handler="count")
+        t.run()                      # until the program exits
+    print(p.nhit, p.state.value)     # 1000 optimized
+
+    def double_first_arg(probe, regs):
+        regs.rdi *= 2                # the probed function sees the new value
+
+    with Tracer.attach(pid) as t:
+        t.add_probe("libc:getpid", pre_handler=lambda p, r: None)
+        t.run(duration=5.0)          # then detach: the code is byte-identical again
+
+Every method runs on the thread that created the Tracer (ptrace requires it).
+"""
+from __future__ import annotations
+
+import os
+import struct
+import time
+from typing import Callable, Iterable, Sequence
+
+from uprobe_opt.core.arch import load_arch
+from uprobe_opt.core.manager import RETRY_DELAY, ProbeManager
+from uprobe_opt.core.probe import Probe, ProbeState
+from uprobe_opt.errors import ProcessGone, TargetError, UsageError
+from uprobe_opt.symbols import SymbolResolver
+from uprobe_opt.target import Target
+
+
+class Tracer:
+    """One traced process.  Create with :meth:`attach` or :meth:`spawn`; both return
+    with every thread stopped, so probes added before :meth:`run` are armed before any
+    further instruction of the target runs.
+
+    ``optimize``: jump-optimize probes when safe (False: int3 probes only, the CLI's
+    ``--no-optimize``).  ``log``: callable for diagnostics (default: stderr).
+    """
+
+    def __init__(self, target: Target, *, optimize: bool = True, log: Callable = None):
+        self.target = target
+        self.resolver = SymbolResolver(pid=target.pid)
+        self.manager = ProbeManager(target, load_arch(), optimize=optimize, log=log)
+        self.manager.rseq_offset = self._find_rseq_offset()
+        self._stop_requested = False
+        self._detached = False
+        self.notes: list[str] = []
+        self.exec_seen = False
+
+    # -- construction -----------------------------------------------------------------
+    @classmethod
+    def attach(cls, pid: int, **kw) -> "Tracer":
+        """Seize every thread of process ``pid``.  Raises ProcessGone (no such pid) or
+        AccessDenied (not permitted: see README, ptrace_scope)."""
+        return cls(Target.attach(pid), **kw)
+
+    @classmethod
+    def spawn(cls, argv: Sequence[str], *, stdin=None, stdout=None, stderr=None,
+              env=None, cwd=None, **kw) -> "Tracer":
+        """Start ``argv`` traced, held at its entry point (AT_ENTRY) with its libraries
+        mapped.  stdin/stdout/stderr are file descriptors (int) or None to inherit."""
+        target = Target.spawn(list(argv), stdin=stdin, stdout=stdout, stderr=stderr,
+                              env=env, cwd=cwd)
+        try:
+            return cls(target, **kw)
+        except BaseException:
+            target.kill()
+            raise
+
+    def _find_rseq_offset(self) -> int | None:
+        """glibc's __rseq_offset (fs-relative offset of the thread's struct rseq), read
+        from the target; None if this libc does not register rseq."""
+        try:
+            addr = self.resolver.find_data_symbol("__rseq_offset")
+            if addr is None:
+                return None
+            (off,) = struct.unpack("<q", self.target.read(addr, 8))
+            return off or None
+        except Exception:
+            return None
+
+    # -- probes -----------------------------------------------------------------------
+    @property
+    def pid(self) -> int:
+        return self.target.pid
+
+    @property
+    def probes(self) -> list[Probe]:
+        return [p for p in self.manager.probes if p.registered]
+
+    def add_probe(self, spec: str, pre_handler: Callable | None = None, *,
+                  handler: str | None = None, optimize: bool = True) -> Probe:
+        """Register a probe at ``spec`` (``SYMBOL``, ``SYMBOL+0xOFF``, ``LIB:SYMBOL``,
+        ``0xADDR``) and arm it (int3).  ``handler``: ``python`` (default when a
+        pre_handler is given: ``pre_handler(probe, regs)`` runs in the tracer at each
+        hit), ``count`` (in-process counter, no stop per hit once optimized).  The probe
+        is queued for jump optimization unless ``optimize`` is False.  Raises
+        SymbolError (unknown/ambiguous symbol, not an instruction boundary, not
+        executable), UsageError."""
+        if handler is None:
+            handler = "python" if pre_handler is not None else "count"
+        resolved = self.resolver.resolve(spec)
+        return self.manager.register(resolved, handler, pre_handler, spec=spec,
+                                     optimize=optimize)
+
+    def enable(self, probe: Probe) -> None:
+        self.manager.enable(probe)
+
+    def disable(self, probe: Probe) -> None:
+        """Stop counting and calling the handler; the site is unoptimized (and disarmed
+        when no enabled probe is left there)."""
+        self.manager.disable(probe)
+
+    def remove_probe(self, probe: Probe) -> None:
+        """Unregister a probe; the last probe of a site restores its original bytes."""
+        self.manager.unregister(probe)
+
+    def set_optimize(self, enabled: bool) -> None:
+        self.manager.set_optimize(enabled)
+
+    def optimize(self, timeout: float = 1.0) -> None:
+        """Optimize queued probes now (several quiescence attempts, up to ``timeout``
+        seconds); probes that stay int3 keep their reason."""
+        deadline = time.monotonic() + timeout
+        while self.manager.optimizing and time.monotonic() < deadline:
+            self.manager.optimize_pending(force=True)
+            if self.manager.optimizing:
+                self._pump(RETRY_DELAY)
+
+    # -- running ----------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to return at its next wake-up (safe from a signal handler)."""
+        self._stop_requested = True
+
+    @property
+    def exited(self) -> bool:
+        return self.target.exited
+
+    @property
+    def exit_status(self) -> int | None:
+        """The target's raw wait status once it exited (os.waitstatus_to_exitcode)."""
+        return self.target.exit_status
+
+    @property
+    def exit_code(self) -> int | None:
+        st = self.target.exit_status
+        return None if st is None else os.waitstatus_to_exitcode(st)
+
+    def run(self, duration: float | None = None, until: Callable[[], bool] | None = None
+            ) -> None:
+        """Let the target run, handling hits, until it exits or execs, ``duration``
+        seconds pass, ``until()`` returns True, or :meth:`request_stop` is called."""
+        self.manager.optimize_pending(force=True)
+        if self.target.stopped and not self.target.exited:
+            self.target.resume_all()
+        deadline = None if duration is None else time.monotonic() + duration
+        while not (self._stop_requested or self.target.exited or self.exec_seen):
+            if until is not None and until():
+                break
+            timeout = 0.2
+            if self.manager.optimizing:
+                timeout = RETRY_DELAY
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                timeout = min(timeout, left)
+            self._pump(timeout)
+            if self.manager.optimizing and not self.target.exited:
+                self.manager.optimize_pending()
+
+    def _pump(self, timeout: float) -> None:
+        for ev in self.target.poll(timeout):
+            kind = type(ev).__name__
+            if kind == "TrapEvent":
+                try:
+                    self.manager.on_trap(ev.tid)
+                except ProcessGone:
+                    pass
+            elif kind == "ExecEvent":
+                self.exec_seen = True
+                self.manager.on_exec()
+                self.notes.append("target exec'd: probes are gone")
+            elif kind == "ExitEvent":
+                pass
+
+    # -- results ----------------------------------------------------------------------
+    def summary(self) -> list[dict]:
+        """One dict per registered probe: probe (spec), address (hex string of the
+        requested address), state, hits, nmissed, reason (None when optimized)."""
+        return [{"probe": p.spec, "address": f"{p.addr:#x}", "state": p.state.value,
+                 "hits": p.nhit, "nmissed": p.nmissed, "reason": p.reason}
+                for p in self.probes]
+
+    @property
+    def pauses(self) -> list[float]:
+        """Seconds each all-threads-stopped pause lasted."""
+        return list(self.manager.pauses)
+
+    # -- detach -----------------------------------------------------------------------
+    def detach(self) -> None:
+        """Unoptimize, disarm, restore every byte, resume every thread and detach.
+        Safe to call twice and after the target died."""
+        if self._detached:
+            return
+        self._detached = True
+        t = self.target
+        try:
+            if not t.exited and not self.exec_seen:
+                if not t.stopped:
+                    t.stop_all()
+                self.notes += self.manager.shutdown()
+        except ProcessGone:
+            pass
+        finally:
+            if not t.exited:
+                t.detach()
+
+    def kill(self) -> None:
+        self._detached = True
+        self.target.kill()
+
+    def __enter__(self) -> "Tracer":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.detach()
+        return False
