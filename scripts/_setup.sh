@@ -1,0 +1,27 @@
+# Sourced by scripts/demo and scripts/test: make a venv with uprobe-opt and its test
+# dependencies, and the compilers the C targets need.  Idempotent and quiet when done.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${UPROBE_OPT_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+
+need_pkgs=()
+command -v gcc >/dev/null 2>&1 || need_pkgs+=(gcc)
+command -v g++ >/dev/null 2>&1 || need_pkgs+=(g++)
+if ((${#need_pkgs[@]})); then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+  else
+    echo "uprobe-opt: please install: ${need_pkgs[*]}" >&2; exit 2
+  fi
+fi
+stamp="$VENV/.uprobe-opt-installed"
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test]" pytest-timeout \
+    2>&1 | grep -v "^WARNING: Location" || true
+  "$VENV/bin/python" -c "import uprobe_opt, ptrace, capstone, keystone, elftools, psutil"
+  touch "$stamp"
+fi

@@ -1,0 +1,111 @@
+"""``uprobe-opt explain``: for each probe site, what jump optimization would do.
+
+Works without ptrace: on a binary on disk (link-time addresses) or on a live PID (the
+code is read from the mapped files, its maps for detour reachability).  Nothing in any
+process is changed.  Output per site: the region's instructions, their relocated forms
+in a detour slot, the detour reachability, then ``optimizable`` or the refusal.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from uprobe_opt.core.arch import load_arch
+from uprobe_opt.core.detour import AREA_SIZE, NoDetourSpace, find_gap
+from uprobe_opt.errors import UsageError
+from uprobe_opt.symbols import SymbolResolver
+
+
+def explain_site(resolver: SymbolResolver, spec: str, maps=None) -> dict:
+    """Analyse one probe spec; returns a JSON-ready dict (addresses as hex strings)."""
+    arch = load_arch()
+    site = resolver.resolve(spec)
+    out = {"probe": spec, "address": f"{site.addr:#x}", "symbol": site.symbol,
+           "function": None, "region": [], "relocated": [], "detour": None,
+           "optimizable": False, "reason": None}
+    if site.func_addr is None or not site.func_size:
+        out["reason"] = f"no function symbol contains {site.addr:#x}"
+        return out
+    out["function"] = {"addr": f"{site.func_addr:#x}", "size": site.func_size}
+    code = resolver.read_code(site.func_addr, site.func_size)
+    refusal = arch.check_boundary(code, site.func_addr, site.addr)
+    if refusal is not None:
+        out["reason"] = str(refusal)
+        return out
+    addr = site.addr
+    if addr == site.func_addr:
+        addr = arch.adjust_addr(code, site.func_addr, addr)
+    out["patched_address"] = f"{addr:#x}"
+    region = arch.check(code, site.func_addr, site.func_size, addr, ())
+    if not hasattr(region, "size"):
+        out["reason"] = str(region)
+        return out
+    out["region"] = [{"addr": f"{i.addr:#x}", "bytes": i.bytes.hex(), "insn": str(i)}
+                     for i in region.insns]
+    slot, reach = _slot_for(addr, maps)
+    out["detour"] = reach
+    if slot is None:
+        out["reason"] = reach
+        return out
+    detour = arch.prepare(region, slot, arch.handler_spec("count", counter_addr=slot + 0x10000))
+    if not hasattr(detour, "code"):
+        out["reason"] = str(detour)
+        return out
+    out["relocated"] = [{"insn": str(i), "relocated": text} for i, text in detour.relocated]
+    out["optimizable"] = True
+    return out
+
+
+def _slot_for(addr: int, maps) -> tuple[int | None, str]:
+    if maps is None:
+        slot = (addr - (64 << 20) if addr > (128 << 20) else addr + (64 << 20)) & ~0xFFF
+        return slot, (f"no process: a detour would be mapped in the nearest free gap; "
+                      f"shown at {slot:#x} (hypothetical, {slot - addr:+#x} from the site)")
+    try:
+        slot = find_gap(maps, addr, AREA_SIZE)
+    except NoDetourSpace as e:
+        return None, str(e)
+    return slot, f"free gap at {slot:#x}, {slot - addr:+#x} from the site (rel32 reach)"
+
+
+def cmd_explain(args) -> int:
+    items = list(args.items)
+    if args.pid is not None:
+        resolver = SymbolResolver(pid=args.pid)
+        from uprobe_opt.target.maps import read_maps
+        maps = read_maps(args.pid)
+        specs = items
+    else:
+        if len(items) < 2:
+            raise UsageError("explain wants BINARY PROBE... or -p PID PROBE...")
+        if not os.path.isfile(items[0]):
+            raise UsageError(f"no such file {items[0]!r}")
+        resolver = SymbolResolver(binary=items[0])
+        maps, specs = None, items[1:]
+    for spec in specs:
+        res = explain_site(resolver, spec, maps)
+        if args.json:
+            print(json.dumps({"event": "explain", **res}))
+        else:
+            _print_text(res)
+    return 0
+
+
+def _print_text(res: dict, file=sys.stdout) -> None:
+    w = file.write
+    w(f"{res['probe']} at {res['address']}"
+      + (f" ({res['symbol']})" if res.get("symbol") else "") + "\n")
+    if res.get("patched_address") and res["patched_address"] != res["address"]:
+        w(f"  planted at {res['patched_address']} (after endbr64)\n")
+    if res["region"]:
+        w("  region:\n")
+        for i in res["region"]:
+            w(f"    {i['addr']}  {i['bytes']:<24} {i['insn']}\n")
+    if res["relocated"]:
+        w("  relocated:\n")
+        for r in res["relocated"]:
+            w(f"    {r['insn']:<40} -> {r['relocated']}\n")
+    if res["detour"]:
+        w(f"  detour: {res['detour']}\n")
+    w("  optimizable\n" if res["optimizable"] else f"  int3: {res['reason']}\n")
