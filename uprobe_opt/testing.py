@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
+import shlex
 import subprocess
 import tempfile
 from pathlib import Path
@@ -19,7 +21,8 @@ from typing import Sequence
 
 from .errors import UsageError
 
-__all__ = ["BuildError", "build_c", "build_target", "targets_dir", "cache_dir"]
+__all__ = ["BuildError", "build_c", "build_target", "targets_dir", "cache_dir",
+           "source_flags"]
 
 DEFAULT_FLAGS: tuple[str, ...] = ("-O2", "-g", "-pthread")
 CXX_SUFFIXES = (".cc", ".cpp", ".cxx", ".C")
@@ -62,22 +65,33 @@ def _cache_key(src: bytes, compiler: str, flags: Sequence[str], shared: bool,
     return h.hexdigest()[:16]
 
 
+_FLAGS_RE = re.compile(rb"^\s*(?://|/\*|\*)?\s*build-flags:\s*(.*?)\s*(?:\*/)?\s*$", re.M)
+
+
+def source_flags(src: bytes) -> list[str]:
+    """Flags a target asks for itself with a ``build-flags: ...`` comment line (e.g.
+    ``-fcf-protection=full``), so every builder of that target gets the same code shape."""
+    return [f for m in _FLAGS_RE.finditer(src) for f in shlex.split(m.group(1).decode())]
+
+
 def build_c(source: str | Path, *, out_dir: Path | None = None, flags: Sequence[str] = (),
             shared: bool = False, libs: Sequence[Path] = ()) -> Path:
     """Compile ``source`` and return the path of the executable (or ``.so`` if ``shared``).
 
-    ``flags`` are added after the defaults (``-O2 -g -pthread``), so ``-O0`` or ``-no-pie``
-    override them.  ``libs`` are shared libraries to link against; their directories are
+    ``flags`` are added after the defaults (``-O2 -g -pthread``) and after the source's
+    own ``build-flags:`` comment line (see :func:`source_flags`), so the caller's
+    ``-O0`` or ``-no-pie`` win.  ``libs`` are shared libraries to link against; their directories are
     added with ``-Wl,-rpath`` so the program runs without LD_LIBRARY_PATH.
     Raises :class:`BuildError` with the compiler's stderr on failure.
     """
     source = Path(source)
     compiler = "g++" if source.suffix in CXX_SUFFIXES else "gcc"
     libs = [Path(lib).resolve() for lib in libs]
-    all_flags = list(DEFAULT_FLAGS) + list(flags)
+    src = source.read_bytes()
+    all_flags = list(DEFAULT_FLAGS) + source_flags(src) + list(flags)
     if shared:
         all_flags += ["-shared", "-fPIC"]
-    key = _cache_key(source.read_bytes(), compiler, all_flags, shared, libs)
+    key = _cache_key(src, compiler, all_flags, shared, libs)
     out_dir = Path(out_dir) if out_dir is not None else cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = source.stem
