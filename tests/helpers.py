@@ -1,0 +1,65 @@
+"""Shared helpers for the tests (real processes, no mocks)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+UPROBE_OPT = [sys.executable, "-m", "uprobe_opt.cli"]
+
+
+def exec_mappings(pid: int) -> dict[tuple, str]:
+    """sha256 of every executable mapping of pid, keyed by (start, end, path)."""
+    out = {}
+    with open(f"/proc/{pid}/maps") as f:
+        lines = f.read().splitlines()
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in lines:
+            parts = line.split(maxsplit=5)
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            path = parts[5] if len(parts) > 5 else ""
+            if "x" not in parts[1] or path == "[vsyscall]":
+                continue
+            mem.seek(lo)
+            out[(lo, hi, path)] = hashlib.sha256(mem.read(hi - lo)).hexdigest()
+    return out
+
+
+def proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def tracer_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("TracerPid:"):
+                return int(line.split()[1])
+    return 0
+
+
+def run_cli(*args, timeout=120, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(UPROBE_OPT + [str(a) for a in args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, **kw)
+
+
+def wait_for_line(stream, prefix: str, timeout: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        if not line:
+            raise AssertionError(f"stream closed before {prefix!r}")
+        if isinstance(line, bytes):
+            line = line.decode()
+        if line.startswith(prefix):
+            return line
+    raise AssertionError(f"no line starting with {prefix!r} within {timeout} s")
+
+
+def symbol_addr(pid: int, spec: str) -> int:
+    from uprobe_opt.symbols import SymbolResolver
+    return SymbolResolver(pid=pid).resolve(spec).addr
