@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("items", nargs="+", metavar="[BINARY] PROBE")
     ex.add_argument("--json", action="store_true")
 
+    from uprobe_opt.relocheck import add_parser as add_check_reloc
+    add_check_reloc(sub)
+
     de = sub.add_parser("demo", help="trace the bundled demo target (targets/loop.c)")
     de.add_argument("--calls", type=int, default=1_000_000)
     de.add_argument("--json", action="store_true")
@@ -73,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "explain":
             from uprobe_opt.explain import cmd_explain
             return cmd_explain(args)
+        if args.cmd == "check-reloc":
+            from uprobe_opt.relocheck import cmd_check_reloc
+            return cmd_check_reloc(args)
         if args.cmd == "demo":
             return cmd_demo(args)
     except ProbeError as e:
