@@ -118,7 +118,7 @@ def _make_insn(ci) -> Insn:
     kind, cc = _classify(raw)
     target = None
     if kind in ("jcc", "jmp", "call", "loop", "jrcxz"):
-        target = ci.operands[0].imm
+        target = ci.operands[0].imm & 0xFFFFFFFFFFFFFFFF
     rip_off = rip_target = base = None
     for op in ci.operands:
         if op.type == x86_const.X86_OP_MEM:
