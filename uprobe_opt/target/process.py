@@ -1,0 +1,1114 @@
+"""The traced target process: threads, quiescence, memory, registers, remote syscalls.
+
+One :class:`Target` per process. All ptrace requests are made by the OS thread that
+created it (``man 2 ptrace``: the tracer is a thread, not a process); public methods
+check this. The only wait loop is :meth:`Target._wait`, which reaps *our* tids one by one
+with ``waitpid(tid, WNOHANG | __WALL)`` (never ``waitpid(-1)``, so other children of the
+tracer, e.g. subprocess.Popen ones, keep their exit statuses) and sleeps in ``select()``
+on a ``signal.set_wakeup_fd`` pipe that SIGCHLD writes to.
+
+Thread bookkeeping (one :class:`_Thread` per traced task):
+  * ``stopped``: in a ptrace-stop we reaped and have not ended;
+  * ``new``: auto-attached (TRACECLONE/VFORK), its initial stop not reaped yet;
+  * ``held``: holds an undelivered :class:`TrapEvent` (resume_all skips it);
+  * ``group_stop``: stopped as part of a job-control stop: resumed with LISTEN;
+  * ``sigs``: signals to deliver when resumed (first through CONT, others with tgkill).
+
+Addresses are absolute virtual addresses in the target; sizes are bytes; timeouts seconds.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import os
+import select
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Union
+
+from ..errors import (AccessDenied, PatchError, ProbeError, ProcessGone, TargetError,
+                      TargetExited, ThreadGone, UsageError)
+from . import _ptrace as pt
+from .maps import Mapping, read_maps
+
+__all__ = ["Target", "ForkedChild", "TrapEvent", "ExitEvent", "ExecEvent", "Event",
+           "PROT_READ", "PROT_WRITE", "PROT_EXEC", "MAP_PRIVATE", "MAP_SHARED",
+           "MAP_ANONYMOUS", "MAP_FIXED", "MAP_FIXED_NOREPLACE"]
+
+# <sys/mman.h> values for x86-64 (the mmap module lacks MAP_FIXED*).
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
+MAP_FIXED_NOREPLACE = 0x100000
+SYS_MMAP, SYS_MPROTECT, SYS_MUNMAP = 9, 10, 11
+_SYS_CLONE, _SYS_FORK, _SYS_VFORK, _SYS_CLONE3 = 56, 57, 58, 435
+CLONE_VM, CLONE_VFORK, CLONE_THREAD = 0x100, 0x4000, 0x10000
+AT_ENTRY = 9
+
+_U64 = (1 << 64) - 1
+_STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
+_ARG_REGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
+
+
+# --------------------------------------------------------------------------- events
+@dataclass(frozen=True)
+class TrapEvent:
+    """Thread ``tid`` executed an int3 (SIGTRAP with si_code SI_KERNEL); rip is past it.
+    The thread stays stopped until ``resume(tid)`` or ``resume(tid, signal.SIGTRAP)``."""
+    tid: int
+
+
+@dataclass(frozen=True)
+class ExitEvent:
+    """The whole process is gone; ``status`` is the leader's raw wait status (None if it
+    was reaped by someone else)."""
+    status: int | None
+
+
+@dataclass(frozen=True)
+class ExecEvent:
+    """The process exec'd (``tid`` is its pid); the old image, and every patch, is gone.
+    The thread is resumed (kept stopped if inside stop_all)."""
+    tid: int
+
+
+Event = Union[TrapEvent, ExitEvent, ExecEvent]
+
+
+@dataclass(eq=False)
+class _Thread:
+    tid: int
+    proc: int                      # tgid of its process (ours, or a vfork child's)
+    stopped: bool = False
+    new: bool = False
+    held: bool = False
+    group_stop: bool = False
+    zombie: bool = False           # exited leader waiting for its threads (pthread_exit)
+    vfork_child: int | None = None  # blocked in vfork() until that child execs/exits
+    trap_rip: int | None = None    # rip when the held TrapEvent was reported
+    sigs: list[int] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- errno boundary
+def _translate(exc: OSError, pid: int) -> TargetError:
+    tid = getattr(exc, "tid", None)
+    what = str(exc)
+    if exc.errno in (errno.ESRCH, errno.ENOENT, errno.ECHILD):
+        if tid is not None and tid != pid:
+            return ThreadGone(f"thread {tid} of process {pid} is gone ({what})",
+                              pid=pid, tid=tid)
+        return ProcessGone(f"process {pid} is gone ({what})", pid=pid, tid=tid)
+    if exc.errno in (errno.EPERM, errno.EACCES):
+        return AccessDenied(f"access to process {pid} denied ({what})", pid=pid, tid=tid)
+    return TargetError(f"operation on process {pid} failed ({what})", pid=pid, tid=tid)
+
+
+def _boundary(fn):
+    """Public-method decorator: enforce the tracer thread, translate errno (the only
+    place OSError becomes a uprobe_opt.errors exception)."""
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        if threading.get_ident() != self._owner:
+            raise UsageError(f"Target({self.pid}).{fn.__name__} called from a thread other "
+                             "than the one that created it (ptrace is per-thread)",
+                             pid=self.pid)
+        try:
+            return fn(self, *args, **kwargs)
+        except ProbeError:
+            raise
+        except OSError as exc:
+            raise _translate(exc, self.pid) from exc
+    return wrapper
+
+
+def _esrch(exc: OSError) -> bool:
+    return exc.errno == errno.ESRCH
+
+
+# --------------------------------------------------------------------------- /proc helpers
+def _read_status(path: str) -> dict[str, str] | None:
+    """Parse /proc/.../status into a dict; None if the task does not exist."""
+    try:
+        with open(path) as f:
+            return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def _task_state(pid: int, tid: int) -> str:
+    """One-letter state of a thread ('X' if gone), see ``man 5 proc`` /proc/pid/stat."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return "X"
+
+
+def _list_tasks(pid: int) -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcessGone(f"process {pid} is gone", pid=pid) from None
+
+
+def _ptrace_scope() -> str:
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+            return f.read().strip()
+    except OSError:
+        return "absent"
+
+
+def _denied_message(pid: int) -> str:
+    return (f"cannot trace process {pid}: ptrace(PTRACE_SEIZE) was denied (EPERM). Run as "
+            "root or with CAP_SYS_PTRACE, and check kernel.yama.ptrace_scope "
+            f"(currently {_ptrace_scope()})")
+
+
+def _check_attachable(pid: int) -> None:
+    """Raise before touching anything if ``pid`` cannot be attached."""
+    if pid == os.getpid():
+        raise UsageError("uprobe-opt cannot trace its own process", pid=pid)
+    st = _read_status(f"/proc/{pid}/status") if pid > 0 else None
+    if st is None:
+        raise ProcessGone(f"no process with pid {pid}", pid=pid)
+    if int(st["Tgid"]) != pid:
+        raise UsageError(f"{pid} is a thread of process {st['Tgid']}; give the process id",
+                         pid=pid)
+    if st["State"][0] in "ZX":
+        raise ProcessGone(f"process {pid} is a zombie (already exited)", pid=pid)
+    tracer = int(st["TracerPid"])
+    if tracer:
+        tst = _read_status(f"/proc/{tracer}/status") or {"Name": "?"}
+        raise AccessDenied(f"process {pid} is already traced by process {tracer} "
+                           f"({tst['Name']}); detach that tracer first", pid=pid)
+
+
+def _read_auxv(pid: int) -> dict[int, int]:
+    with open(f"/proc/{pid}/auxv", "rb") as f:
+        raw = f.read()
+    words = [int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw) - 7, 8)]
+    return dict(zip(words[0::2], words[1::2]))
+
+
+def _signed(value: int) -> int:
+    value &= _U64
+    return value - (1 << 64) if value >> 63 else value
+
+
+# --------------------------------------------------------------------------- memory
+class _Memory:
+    """Reads and writes through one /proc/PID/mem fd (works on r-x text: FOLL_FORCE)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.fd: int | None = None
+
+    def open(self) -> None:
+        self.close()
+        try:
+            self.fd = os.open(f"/proc/{self.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        except (FileNotFoundError, ProcessLookupError):
+            raise ProcessGone(f"process {self.pid} is gone", pid=self.pid) from None
+        except PermissionError:
+            raise AccessDenied(f"cannot open /proc/{self.pid}/mem: permission denied",
+                               pid=self.pid) from None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def read(self, addr: int, size: int) -> bytes:
+        """``size`` bytes at ``addr``; TargetError (with addr) on EIO or a short read."""
+        if self.fd is None:
+            self.open()
+        try:
+            data = os.pread(self.fd, size, addr)
+        except OSError as exc:
+            raise TargetError(f"cannot read {size} bytes at {addr:#x} in process "
+                              f"{self.pid}: {exc.strerror}", pid=self.pid, addr=addr) from exc
+        if len(data) != size:
+            raise TargetError(f"short read at {addr:#x} in process {self.pid}: got "
+                              f"{len(data)} of {size} bytes", pid=self.pid, addr=addr)
+        return data
+
+    def write(self, addr: int, data: bytes) -> None:
+        """Write ``data`` at ``addr`` and read it back; PatchError on any failure."""
+        if self.fd is None:
+            self.open()
+        try:
+            done = os.pwrite(self.fd, data, addr)
+        except OSError as exc:
+            raise PatchError(f"cannot write {len(data)} bytes at {addr:#x} in process "
+                             f"{self.pid}: {exc.strerror}", pid=self.pid, addr=addr) from exc
+        if done != len(data):
+            raise PatchError(f"short write at {addr:#x} in process {self.pid}: {done} of "
+                             f"{len(data)} bytes", pid=self.pid, addr=addr)
+        try:
+            back = self.read(addr, len(data))
+        except TargetError as exc:
+            raise PatchError(str(exc), pid=self.pid, addr=addr) from exc
+        if back != bytes(data):
+            raise PatchError(f"write at {addr:#x} in process {self.pid} read back "
+                             f"{back.hex()} instead of {bytes(data).hex()}",
+                             pid=self.pid, addr=addr)
+
+
+class ForkedChild:
+    """A freshly forked child of the target, stopped, passed to ``Target.fork_hook``.
+
+    It has its own copy of the parent's memory (inherited int3s included); ``read`` and
+    ``write`` go through /proc/CHILD/mem. After the hook returns the Target detaches it.
+    """
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self._mem = _Memory(pid)
+
+    def read(self, addr: int, size: int) -> bytes:
+        """``size`` bytes at ``addr`` in the child; raises TargetError."""
+        return self._mem.read(addr, size)
+
+    def write(self, addr: int, data: bytes) -> None:
+        """Write and read back ``data`` at ``addr`` in the child; raises PatchError."""
+        self._mem.write(addr, data)
+
+    def close(self) -> None:
+        self._mem.close()
+
+
+# --------------------------------------------------------------------------- wakeup pipe
+class _Wakeup:
+    """Process-wide SIGCHLD wakeup: a no-op Python SIGCHLD handler (chaining any previous
+    one) plus ``signal.set_wakeup_fd`` on a non-blocking pipe, shared by all Targets.
+    Only possible on the main thread; elsewhere ``active`` is False and waits poll."""
+    users = 0
+    rfd = wfd = -1
+    old_fd = -1
+    old_handler = None
+
+    @classmethod
+    def acquire(cls) -> bool:
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        if cls.users == 0:
+            cls.rfd, cls.wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            cls.old_handler = signal.getsignal(signal.SIGCHLD)
+            signal.signal(signal.SIGCHLD, cls._on_sigchld)
+            cls.old_fd = signal.set_wakeup_fd(cls.wfd, warn_on_full_buffer=False)
+        cls.users += 1
+        return True
+
+    @classmethod
+    def release(cls) -> None:
+        cls.users -= 1
+        if cls.users == 0:
+            signal.set_wakeup_fd(cls.old_fd)
+            old = cls.old_handler
+            signal.signal(signal.SIGCHLD, old if old is not None else signal.SIG_DFL)
+            os.close(cls.rfd)
+            os.close(cls.wfd)
+            cls.rfd = cls.wfd = -1
+
+    @classmethod
+    def _on_sigchld(cls, signum, frame) -> None:
+        if callable(cls.old_handler):
+            cls.old_handler(signum, frame)
+
+    @classmethod
+    def drain(cls) -> bool:
+        """Empty the pipe; True if a signal other than SIGCHLD was among the bytes."""
+        foreign = False
+        while True:
+            try:
+                data = os.read(cls.rfd, 512)
+            except BlockingIOError:
+                return foreign
+            if not data:
+                return foreign
+            foreign = foreign or any(b != signal.SIGCHLD for b in data)
+
+
+# --------------------------------------------------------------------------- Target
+class Target:
+    """A traced process. Build with :meth:`attach` or :meth:`spawn`; see docs/internals.md.
+
+    ``fork_hook``: callable ``(ForkedChild) -> None`` run inside poll when a traced thread
+    forks; None just detaches the child.
+    """
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.exited = False
+        self.exit_status: int | None = None
+        self.fork_hook: Callable[[ForkedChild], None] | None = None
+        self._owner = threading.get_ident()
+        self._threads: dict[int, _Thread] = {}
+        self._events: list[Event] = []
+        self._all_stopped = False
+        self._mem = _Memory(pid)
+        self._gadget: int | None = None
+        self._closed = False
+        self._wakeup = _Wakeup.acquire()
+
+    def __repr__(self) -> str:
+        return f"<Target pid={self.pid} threads={len(self._threads)} exited={self.exited}>"
+
+    def __enter__(self) -> "Target":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def tids(self) -> frozenset[int]:
+        """Live traced thread ids (vfork children still sharing our memory included)."""
+        return frozenset(t.tid for t in self._threads.values() if not t.zombie)
+
+    @property
+    def stopped(self) -> bool:
+        """True when every live traced thread is in a ptrace-stop."""
+        live = [t for t in self._threads.values() if not t.zombie]
+        return bool(live) and all(t.stopped for t in live)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def attach(cls, pid: int) -> "Target":
+        """Seize every thread of ``pid`` and stop them all. Raises ProcessGone (no such
+        pid), AccessDenied (EPERM, or another tracer), UsageError (pid is a thread).
+        On failure every thread already seized is detached again."""
+        _check_attachable(pid)
+        self = cls(pid)
+        try:
+            self._mem.open()
+            self._seize_all()
+            self.stop_all()
+        except BaseException:
+            self.detach()
+            raise
+        return self
+
+    def _seize_all(self) -> None:
+        """SEIZE every task, rescanning /proc/PID/task until a pass finds no new tid:
+        threads created meanwhile by seized threads are auto-attached (TRACECLONE),
+        the others show up in the next scan."""
+        strikes: dict[int, int] = {}
+        for _ in range(100000):
+            fresh = [t for t in _list_tasks(self.pid) if t not in self._threads]
+            if not fresh:
+                return
+            for tid in fresh:
+                self._seize_one(tid, strikes)
+        raise TargetError(f"thread list of process {self.pid} never stabilized", pid=self.pid)
+
+    def _seize_one(self, tid: int, strikes: dict[int, int]) -> None:
+        try:
+            pt.seize(tid, pt.TRACE_OPTIONS)
+        except pt.PtraceOSError as exc:
+            if exc.errno == errno.ESRCH and tid != self.pid:
+                return                                   # died since the scan
+            if exc.errno == errno.ESRCH:
+                raise ProcessGone(f"process {self.pid} exited during attach",
+                                  pid=self.pid) from exc
+            if exc.errno != errno.EPERM:
+                raise
+            if not self._seize_eperm_is_ours(tid, strikes):
+                return
+            self._threads[tid] = _Thread(tid, self.pid, new=True)
+            return
+        self._threads[tid] = _Thread(tid, self.pid)
+
+    def _seize_eperm_is_ours(self, tid: int, strikes: dict[int, int]) -> bool:
+        """EPERM from SEIZE: a clone auto-attached to us (True), an exiting thread
+        (False: skip it) or a real denial (AccessDenied after repeated tries)."""
+        st = _read_status(f"/proc/{self.pid}/task/{tid}/status")
+        if st is None or st["State"][0] in "ZX":
+            return False
+        if int(st["TracerPid"]) == os.getpid():
+            return True
+        strikes[tid] = strikes.get(tid, 0) + 1
+        if tid == self.pid or strikes[tid] > 100:
+            raise AccessDenied(_denied_message(self.pid), pid=self.pid, tid=tid)
+        return False
+
+    @classmethod
+    def spawn(cls, argv: list[str], *, stdin: int | None = None, stdout: int | None = None,
+              stderr: int | None = None, env: dict[str, str] | None = None,
+              cwd: str | None = None) -> "Target":
+        """Start ``argv`` traced and run it to its entry point (AT_ENTRY), after ld.so
+        mapped its libraries; returns with its one thread stopped there. The child gets
+        PTRACE_O_EXITKILL (it dies if the tracer dies). Raises UsageError if the program
+        is not found/executable, TargetError if execve or the run to entry fails."""
+        if not argv:
+            raise UsageError("spawn: empty argv")
+        path = _resolve_program(argv[0], env)
+        pid, err_r = _fork_exec(path, list(argv), (stdin, stdout, stderr), env, cwd)
+        self = cls(pid)
+        self._threads[pid] = _Thread(pid, pid)
+        try:
+            self._finish_spawn(argv[0], err_r)
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def _finish_spawn(self, prog: str, err_r: int) -> None:
+        try:
+            self._wait_for_exec(prog, err_r)
+        finally:
+            os.close(err_r)
+        self._mem.open()                  # after exec: a pre-exec fd sees the old mm
+        self._run_to_entry()
+        self._all_stopped = True
+
+    def _wait_for_exec(self, prog: str, err_r: int) -> None:
+        """Run the child until PTRACE_EVENT_EXEC; TargetError if execve failed."""
+        while True:
+            _, status = os.waitpid(self.pid, pt.WALL)
+            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                self._threads.clear()
+                self.exited, self.exit_status = True, status
+                code = os.read(err_r, 64).decode() or "0"
+                raise TargetError(f"cannot execute {prog!r}: {os.strerror(int(code))}"
+                                  if code != "0" else f"{prog!r} died before exec",
+                                  pid=self.pid)
+            if status >> 16 == pt.PTRACE_EVENT_EXEC:
+                self._threads[self.pid].stopped = True
+                return
+            sig = os.WSTOPSIG(status)
+            pt.cont(self.pid, 0 if status >> 16 or sig == signal.SIGTRAP else sig)
+
+    def _run_to_entry(self) -> None:
+        """Plant a temporary int3 at AT_ENTRY, continue to it, restore the byte and
+        rewind rip: the thread is left stopped at the first instruction of the program."""
+        entry = _read_auxv(self.pid)[AT_ENTRY]
+        orig = self._mem.read(entry, 1)
+        self._mem.write(entry, b"\xcc")
+        try:
+            while True:
+                pt.cont(self.pid, 0)
+                _, status = os.waitpid(self.pid, pt.WALL)
+                if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                    self._threads.clear()
+                    self.exited, self.exit_status = True, status
+                    raise TargetExited(f"process {self.pid} exited before its entry point "
+                                       f"{entry:#x}", pid=self.pid, status=status)
+                if self._at_entry_trap(status, entry):
+                    break
+                sig = os.WSTOPSIG(status)
+                if status >> 16 == 0 and sig != signal.SIGTRAP:
+                    pt.cont(self.pid, sig)       # foreign signal before entry: deliver it
+                    continue
+        finally:
+            if not self.exited:
+                self._mem.write(entry, orig)
+        regs = pt.getregs(self.pid)
+        regs.rip = entry
+        pt.setregs(self.pid, regs)
+
+    def _at_entry_trap(self, status: int, entry: int) -> bool:
+        if status >> 16 or os.WSTOPSIG(status) != signal.SIGTRAP:
+            return False
+        return pt.getregs(self.pid).rip == entry + 1
+
+    # ------------------------------------------------------------------ quiescence
+    @_boundary
+    def stop_all(self, timeout: float = 5.0) -> None:
+        """Stop every thread (INTERRUPT all running ones first, then wait for each).
+        Events arriving meanwhile are queued for poll; new clones stay stopped until
+        resume_all. Raises TargetError if a thread does not stop within ``timeout`` s.
+        If the process exits meanwhile, returns with ``exited`` True and no threads."""
+        self._all_stopped = True
+        for t in list(self._threads.values()):
+            if not t.stopped and not t.new:
+                self._interrupt(t)
+        self._wait_until_quiet(timeout)
+
+    @_boundary
+    def resume_all(self) -> None:
+        """Resume every thread we stopped (re-injecting its pending signal), except
+        threads holding an undelivered TrapEvent."""
+        self._all_stopped = False
+        for t in list(self._threads.values()):
+            if t.stopped and not t.held:
+                self._resume_thread(t)
+
+    @_boundary
+    def resume(self, tid: int, sig: int = 0) -> None:
+        """Resume one stopped thread, delivering ``sig`` (e.g. SIGTRAP for an int3 that
+        is not ours). ThreadGone if ``tid`` is not a stopped traced thread."""
+        t = self._stopped_thread(tid)
+        t.held, t.trap_rip = False, None
+        if sig:
+            t.sigs.insert(0, sig)
+        self._resume_thread(t)
+
+    def _interrupt(self, t: _Thread) -> None:
+        try:
+            pt.interrupt(t.tid)
+        except pt.PtraceOSError as exc:
+            if not _esrch(exc):                # exiting: its exit status will be reaped
+                raise
+
+    def _quiet(self) -> bool:
+        return all(t.stopped or t.zombie or t.vfork_child is not None
+                   for t in self._threads.values())
+
+    def _wait_until_quiet(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        step = 0.02
+        while True:
+            self._wait(self._quiet, step)
+            if self._quiet():
+                return
+            self._mark_zombie_leaders()
+            if time.monotonic() >= deadline:
+                late = sorted(t.tid for t in self._threads.values()
+                              if not (t.stopped or t.zombie or t.vfork_child))
+                raise TargetError(f"threads {late} of process {self.pid} did not stop "
+                                  f"within {timeout}s", pid=self.pid)
+            step = min(step * 2, 0.5)
+
+    def _mark_zombie_leaders(self) -> None:
+        """A leader that called pthread_exit() is a zombie until its threads are gone
+        (``man 2 ptrace``, "the thread group leader ... reported after all other
+        threads"); it never stops, so stop_all must not wait for it."""
+        for t in self._threads.values():
+            if t.tid == t.proc and not t.stopped and _task_state(t.proc, t.tid) in "ZX":
+                t.zombie = True
+
+    def _resume_thread(self, t: _Thread) -> None:
+        sig = t.sigs.pop(0) if t.sigs else 0
+        try:
+            if t.group_stop and not sig:
+                self._listen(t)
+            else:
+                pt.cont(t.tid, sig)
+        except pt.PtraceOSError as exc:
+            if not _esrch(exc):
+                raise
+        t.stopped, t.trap_rip = False, None
+        self._resend(t)
+
+    def _listen(self, t: _Thread) -> None:
+        """Keep a group-stopped thread stopped as if untraced: SIGCONT will wake it
+        and it reports PTRACE_EVENT_STOP (``man 2 ptrace``, PTRACE_LISTEN)."""
+        try:
+            pt.listen(t.tid)
+        except pt.PtraceOSError as exc:
+            if exc.errno != errno.EIO:         # EIO: not in an EVENT_STOP any more
+                raise
+            pt.cont(t.tid, 0)
+        t.stopped = False
+
+    def _resend(self, t: _Thread) -> None:
+        """Signals beyond the one CONT can deliver are re-sent to the thread."""
+        for sig in t.sigs:
+            try:
+                pt.tgkill(t.proc, t.tid, sig)
+            except pt.PtraceOSError:
+                pass
+        t.sigs.clear()
+
+    # ------------------------------------------------------------------ event loop
+    @_boundary
+    def poll(self, timeout: float | None = None) -> list[Event]:
+        """Wait up to ``timeout`` s (None: forever) for events and return them; returns
+        early, possibly with [], when the tracer receives a signal that has a Python
+        handler (SIGINT, SIGTERM...) so callers can check their flags."""
+        if not self._events and not self.exited:
+            self._wait(lambda: bool(self._events) or not self._threads, timeout)
+        elif not self.exited:
+            self._reap_ready()
+        events, self._events = self._events, []
+        return events
+
+    def _wait(self, until: Callable[[], bool], timeout: float | None) -> bool:
+        """Reap and dispatch our statuses until ``until()`` or ``timeout`` s passed;
+        True if interrupted by a non-SIGCHLD signal. The pipe is drained *before* the
+        reap, so a SIGCHLD arriving after the reap always wakes the select()."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            foreign = _Wakeup.drain() if self._wakeup else False
+            self._reap_ready()
+            if until() or foreign:
+                return foreign
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            if self._wakeup:
+                select.select([_Wakeup.rfd], [], [], remaining)
+            else:   # not the main thread: no wakeup fd possible, poll every ms
+                time.sleep(0.001 if remaining is None else min(remaining, 0.001))
+
+    def _reap_ready(self) -> int:
+        """waitpid(tid, WNOHANG|__WALL) for each of our tids, non-leaders first (a
+        leader's exit is reported only after its threads are reaped)."""
+        count = 0
+        for _ in range(16):
+            progress = 0
+            order = sorted(self._threads, key=lambda tid: self._threads[tid].proc == tid)
+            for tid in order:
+                if tid not in self._threads:
+                    continue
+                try:
+                    wpid, status = os.waitpid(tid, os.WNOHANG | pt.WALL)
+                except ChildProcessError:
+                    self._vanished(tid)
+                    progress += 1
+                    continue
+                if wpid:
+                    self._dispatch(tid, status)
+                    progress += 1
+            count += progress
+            if not progress:
+                break
+        return count
+
+    def _dispatch(self, tid: int, status: int) -> None:
+        t = self._threads[tid]
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            self._on_exit(t, status)
+            return
+        t.stopped, t.new = True, False
+        sig, event = os.WSTOPSIG(status), status >> 16
+        if event == pt.PTRACE_EVENT_STOP:
+            self._on_event_stop(t, sig)
+        elif event in (pt.PTRACE_EVENT_CLONE, pt.PTRACE_EVENT_FORK, pt.PTRACE_EVENT_VFORK):
+            self._on_clone(t, event)
+        elif event == pt.PTRACE_EVENT_EXEC:
+            self._on_exec(t)
+        elif event or sig == signal.SIGTRAP | 0x80:
+            self._keep_or_resume(t)          # events/syscall-stops we never asked for
+        else:
+            self._on_signal(t, sig)
+
+    def _keep_or_resume(self, t: _Thread) -> None:
+        if not self._all_stopped:
+            self._resume_thread(t)
+
+    def _on_event_stop(self, t: _Thread, sig: int) -> None:
+        """PTRACE_EVENT_STOP: a group-stop if WSTOPSIG is a stopping signal (``man 2
+        ptrace``, "Group-stop"), else an INTERRUPT/initial/SIGCONT re-trap."""
+        t.group_stop = sig in _STOP_SIGNALS
+        if t.group_stop and not self._all_stopped:
+            self._listen(t)
+        else:
+            self._keep_or_resume(t)
+
+    def _on_signal(self, t: _Thread, sig: int) -> None:
+        """Signal-delivery-stop: an int3 (SIGTRAP, si_code SI_KERNEL) becomes a
+        TrapEvent and stays stopped; anything else (kill -TRAP included) is
+        re-injected unchanged, at once or on resume if we are keeping threads stopped."""
+        if sig == signal.SIGTRAP and self._is_int3(t):
+            t.held = True
+            t.trap_rip = pt.getregs(t.tid).rip
+            self._events.append(TrapEvent(t.tid))
+        elif self._all_stopped:
+            t.sigs.append(sig)
+        else:
+            try:
+                pt.cont(t.tid, sig)
+            except pt.PtraceOSError as exc:
+                if not _esrch(exc):
+                    raise
+            t.stopped = False
+
+    def _is_int3(self, t: _Thread) -> bool:
+        try:
+            return pt.getsiginfo(t.tid).si_code == pt.SI_KERNEL
+        except pt.PtraceOSError:
+            return False
+
+    def _on_exit(self, t: _Thread, status: int) -> None:
+        del self._threads[t.tid]
+        for other in self._threads.values():
+            if other.vfork_child == t.tid:
+                other.vfork_child = None
+        if t.tid == self.pid:
+            self._process_gone(status)
+
+    def _process_gone(self, status: int | None) -> None:
+        self.exited, self.exit_status = True, status
+        for tid in [x.tid for x in self._threads.values() if x.proc == self.pid]:
+            del self._threads[tid]
+        self._events.append(ExitEvent(status))
+
+    def _vanished(self, tid: int) -> None:
+        """ECHILD from waitpid: the task is no longer ours (reaped elsewhere)."""
+        t = self._threads.pop(tid)
+        if t.tid == self.pid:
+            self._process_gone(None)
+
+    # ------------------------------------------------------------------ clone/fork/exec
+    def _on_clone(self, t: _Thread, event: int) -> None:
+        child = pt.geteventmsg(t.tid)
+        flags = self._clone_flags(t, event, child)
+        if flags & CLONE_THREAD:
+            self._threads.setdefault(child, _Thread(child, t.proc, new=True))
+        elif flags & CLONE_VM:
+            # vfork / CLONE_VM: shares our memory (and our int3s): keep it traced
+            self._threads.setdefault(child, _Thread(child, child, new=True))
+            if flags & CLONE_VFORK:
+                t.vfork_child = child
+        else:
+            self._fork_child(child)
+        self._keep_or_resume(t)
+
+    def _clone_flags(self, t: _Thread, event: int, child: int) -> int:
+        """clone flags of the call that stopped ``t``, from its syscall registers."""
+        if event == pt.PTRACE_EVENT_VFORK:
+            return CLONE_VM | CLONE_VFORK
+        regs = pt.getregs(t.tid)
+        nr = _signed(regs.orig_rax)
+        if nr == _SYS_CLONE:
+            return regs.rdi
+        if nr == _SYS_CLONE3:       # struct clone_args starts with u64 flags
+            return int.from_bytes(self._mem.read(regs.rdi, 8), "little")
+        if nr == _SYS_FORK:
+            return 0
+        st = _read_status(f"/proc/{child}/status")
+        return CLONE_THREAD if st and int(st["Tgid"]) == t.proc else 0
+
+    def _fork_child(self, child: int) -> None:
+        """A forked child (own memory) is auto-attached: wait for its first stop, run
+        fork_hook on it, detach it (delivering the signal it stopped with, if any)."""
+        while True:
+            _, status = os.waitpid(child, pt.WALL)
+            if not os.WIFSTOPPED(status):
+                return                                   # killed before its first stop
+            break
+        sig = 0 if status >> 16 else os.WSTOPSIG(status)
+        forked = ForkedChild(child)
+        try:
+            if self.fork_hook is not None:
+                self.fork_hook(forked)
+        finally:
+            forked.close()
+            try:
+                pt.detach(child, sig)
+            except pt.PtraceOSError as exc:
+                if not _esrch(exc):
+                    raise
+
+    def _on_exec(self, t: _Thread) -> None:
+        former = pt.geteventmsg(t.tid)
+        if t.proc != self.pid:
+            # a vfork child exec'd: it no longer shares our memory, let it go
+            del self._threads[t.tid]
+            for other in self._threads.values():
+                if other.vfork_child == t.tid:
+                    other.vfork_child = None
+            try:
+                pt.detach(t.tid, 0)
+            except pt.PtraceOSError as exc:
+                if not _esrch(exc):
+                    raise
+            return
+        if former != t.tid:
+            self._threads.pop(former, None)      # the exec'ing thread took the pid
+        self._mem.open()
+        self._gadget = None
+        self._events.append(ExecEvent(t.tid))
+        self._keep_or_resume(t)
+
+    # ------------------------------------------------------------------ memory, registers
+    @_boundary
+    def read(self, addr: int, size: int) -> bytes:
+        """``size`` bytes at ``addr``. TargetError (carrying addr) on EIO/short read."""
+        self._check_alive()
+        return self._mem.read(addr, size)
+
+    @_boundary
+    def write(self, addr: int, data: bytes) -> None:
+        """Write ``data`` at ``addr`` (r-x text too) and read it back; PatchError."""
+        self._check_alive()
+        self._mem.write(addr, data)
+
+    @_boundary
+    def maps(self) -> list[Mapping]:
+        """The target's mappings (/proc/PID/maps)."""
+        self._check_alive()
+        return read_maps(self.pid)
+
+    @_boundary
+    def get_regs(self, tid: int) -> pt.user_regs_struct:
+        """General registers of stopped thread ``tid`` (a fresh copy)."""
+        return pt.getregs(self._stopped_thread(tid).tid)
+
+    @_boundary
+    def set_regs(self, tid: int, regs: pt.user_regs_struct) -> None:
+        """Set the general registers of stopped thread ``tid``."""
+        pt.setregs(self._stopped_thread(tid).tid, regs)
+
+    @_boundary
+    def get_xstate(self, tid: int) -> bytes:
+        """XSAVE area of stopped thread ``tid`` (PTRACE_GETREGSET NT_X86_XSTATE)."""
+        return pt.get_xstate(self._stopped_thread(tid).tid)
+
+    def _check_alive(self) -> None:
+        if self.exited:
+            raise TargetExited(f"process {self.pid} has exited", pid=self.pid,
+                               status=self.exit_status)
+        if self._closed:
+            raise UsageError(f"Target({self.pid}) is detached", pid=self.pid)
+
+    def _stopped_thread(self, tid: int) -> _Thread:
+        self._check_alive()
+        t = self._threads.get(tid)
+        if t is None or t.zombie:
+            raise ThreadGone(f"{tid} is not a live traced thread of process {self.pid}",
+                             pid=self.pid, tid=tid)
+        if not t.stopped:
+            raise UsageError(f"thread {tid} of process {self.pid} is running; stop it "
+                             "first (stop_all)", pid=self.pid, tid=tid)
+        return t
+
+    # ------------------------------------------------------------------ remote syscalls
+    @_boundary
+    def syscall(self, nr: int, *args: int, tid: int | None = None) -> int:
+        """Run syscall ``nr`` with up to 6 integer ``args`` in stopped thread ``tid``
+        (default: the leader, else any stopped thread); returns the raw rax as a signed
+        int (-errno on failure). All registers, orig_rax included, are restored, so a
+        blocking syscall the thread was stopped in restarts as if nothing happened
+        (python-ptrace.md section 3)."""
+        if len(args) > 6:
+            raise UsageError("a syscall takes at most 6 arguments", pid=self.pid)
+        t = self._syscall_thread(tid)
+        gadget = self._syscall_gadget()
+        saved = pt.getregs(t.tid)
+        regs = pt.user_regs_struct.from_buffer_copy(saved)
+        regs.rax, regs.orig_rax, regs.rip = nr, _U64, gadget   # orig_rax=-1: no restart
+        for name, value in zip(_ARG_REGS, args):
+            setattr(regs, name, value & _U64)
+        pt.setregs(t.tid, regs)
+        try:
+            self._step_to(t, gadget + 2)
+            result = pt.getregs(t.tid).rax
+        finally:
+            if t.tid in self._threads:
+                pt.setregs(t.tid, saved)
+        return _signed(result)
+
+    def _syscall_thread(self, tid: int | None) -> _Thread:
+        if tid is not None:
+            return self._stopped_thread(tid)
+        self._check_alive()
+        leader = self._threads.get(self.pid)
+        if leader is not None and leader.stopped:
+            return leader
+        for t in self._threads.values():
+            if t.stopped and t.proc == self.pid:
+                return t
+        raise UsageError(f"no stopped thread in process {self.pid}; call stop_all() first",
+                         pid=self.pid)
+
+    def _syscall_gadget(self) -> int:
+        """Address of a ``syscall`` (0f 05) instruction: the first in [vdso], else in
+        any executable mapping. Nothing is written into the target. Cached until exec."""
+        if self._gadget is None:
+            maps = read_maps(self.pid)
+            maps.sort(key=lambda m: m.path != "[vdso]")
+            for m in maps:
+                if m.is_exec and m.path != "[vsyscall]":
+                    i = self._mem.read(m.start, m.size).find(b"\x0f\x05")
+                    if i >= 0:
+                        self._gadget = m.start + i
+                        break
+            else:
+                raise TargetError(f"no syscall instruction found in process {self.pid}",
+                                  pid=self.pid)
+        return self._gadget
+
+    def _step_to(self, t: _Thread, rip: int) -> None:
+        """SINGLESTEP ``t`` until it traps with rip == ``rip``. Signals that arrive first
+        are kept for re-injection on resume; stray INTERRUPT stops are stepped over."""
+        for _ in range(1000):
+            pt.singlestep(t.tid)
+            t.stopped = False
+            _, status = os.waitpid(t.tid, pt.WALL)
+            if not os.WIFSTOPPED(status):
+                self._dispatch(t.tid, status)
+                raise ThreadGone(f"thread {t.tid} exited during a remote syscall",
+                                 pid=self.pid, tid=t.tid)
+            t.stopped = True
+            sig, event = os.WSTOPSIG(status), status >> 16
+            if event == 0 and sig == signal.SIGTRAP and pt.getregs(t.tid).rip == rip:
+                return
+            if event == pt.PTRACE_EVENT_STOP:
+                t.group_stop = sig in _STOP_SIGNALS
+            elif event == 0 and sig != signal.SIGTRAP:
+                t.sigs.append(sig)
+        raise TargetError(f"single-step of thread {t.tid} never reached {rip:#x}",
+                          pid=self.pid, tid=t.tid, addr=rip)
+
+    @_boundary
+    def mmap(self, addr: int, length: int, prot: int, flags: int, fd: int = -1,
+             offset: int = 0) -> int:
+        """Remote mmap; returns the mapping address. TargetError on failure, or if
+        MAP_FIXED_NOREPLACE gave another address (pre-4.17 kernels ignore the flag;
+        that mapping is unmapped again)."""
+        ret = self.syscall(SYS_MMAP, addr, length, prot, flags, fd, offset)
+        if -4096 < ret < 0:
+            raise TargetError(f"remote mmap({addr:#x}, {length}, prot={prot:#x}, "
+                              f"flags={flags:#x}) in process {self.pid} failed: "
+                              f"{os.strerror(-ret)}", pid=self.pid, addr=addr)
+        if flags & MAP_FIXED_NOREPLACE and ret != addr:
+            self.munmap(ret, length)
+            raise TargetError(f"remote mmap at {addr:#x} returned {ret:#x} "
+                              "(MAP_FIXED_NOREPLACE unsupported?)", pid=self.pid, addr=addr)
+        return ret
+
+    @_boundary
+    def munmap(self, addr: int, length: int) -> None:
+        """Remote munmap; TargetError on failure."""
+        self._checked(self.syscall(SYS_MUNMAP, addr, length), "munmap", addr, length)
+
+    @_boundary
+    def mprotect(self, addr: int, length: int, prot: int) -> None:
+        """Remote mprotect; TargetError on failure."""
+        self._checked(self.syscall(SYS_MPROTECT, addr, length, prot), "mprotect", addr,
+                      length)
+
+    def _checked(self, ret: int, name: str, addr: int, length: int) -> None:
+        if ret < 0:
+            raise TargetError(f"remote {name}({addr:#x}, {length}) in process {self.pid} "
+                              f"failed: {os.strerror(-ret)}", pid=self.pid, addr=addr)
+
+    # ------------------------------------------------------------------ detach / kill
+    @_boundary
+    def detach(self) -> None:
+        """Stop what runs, PTRACE_DETACH every thread with its pending signal, close
+        fds, restore the SIGCHLD handler/wakeup fd. Idempotent; safe once exited."""
+        if self._closed:
+            return
+        try:
+            if not self.exited and self._threads:
+                self._all_stopped = True
+                for t in list(self._threads.values()):
+                    if not t.stopped and not t.new:
+                        self._interrupt(t)
+                self._wait_until_quiet(5.0)
+                for t in list(self._threads.values()):
+                    self._detach_thread(t)
+        finally:
+            self._close()
+
+    def _detach_thread(self, t: _Thread) -> None:
+        if not t.stopped:
+            return                          # zombie leader / vfork parent: cannot detach
+        sig = self._settle_trap(t) if t.held else (t.sigs.pop(0) if t.sigs else 0)
+        try:
+            pt.detach(t.tid, sig)
+        except pt.PtraceOSError as exc:
+            if not _esrch(exc):
+                raise
+        self._resend(t)
+        del self._threads[t.tid]
+
+    def _settle_trap(self, t: _Thread) -> int:
+        """A TrapEvent nobody resumed: if rip is untouched and the int3 is still there,
+        deliver SIGTRAP (the program's own int3); if the int3 was removed meanwhile,
+        rewind rip onto the restored instruction, as uprobes does; else leave it."""
+        regs = pt.getregs(t.tid)
+        if regs.rip != t.trap_rip:
+            return 0
+        if self._mem.read(regs.rip - 1, 1) == b"\xcc":
+            return signal.SIGTRAP
+        regs.rip -= 1
+        pt.setregs(t.tid, regs)
+        return 0
+
+    @_boundary
+    def kill(self) -> None:
+        """SIGKILL the process (and vfork children we trace), reap every thread."""
+        if self._closed:
+            return
+        try:
+            if not self.exited:
+                for proc in {t.proc for t in self._threads.values()} | {self.pid}:
+                    try:
+                        os.kill(proc, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                self._all_stopped = True
+                self._wait(lambda: not self._threads, 10.0)
+        finally:
+            self._events.clear()
+            self._close()
+
+    def _close(self) -> None:
+        self._mem.close()
+        self._threads.clear()
+        if not self._closed and self._wakeup:
+            _Wakeup.release()
+        self._closed = True
+
+
+# --------------------------------------------------------------------------- spawn helpers
+def _resolve_program(prog: str, env: dict[str, str] | None) -> str:
+    """Path of ``prog`` (PATH lookup like execvp); UsageError if absent/not executable."""
+    if "/" in prog:
+        path = prog
+        if not os.path.exists(path):
+            raise UsageError(f"cannot execute {prog!r}: no such file")
+    else:
+        found = shutil.which(prog, path=(env if env is not None else os.environ).get("PATH"))
+        if found is None:
+            raise UsageError(f"command not found: {prog!r}")
+        path = found
+    if os.path.isdir(path) or not os.access(path, os.X_OK):
+        raise UsageError(f"cannot execute {prog!r}: not an executable file")
+    return path
+
+
+def _fork_exec(path: str, argv: list[str], fds, env, cwd) -> tuple[int, int]:
+    """fork; the child waits on a pipe until we have SEIZEd it, then dup2s and execs.
+    (No SIGSTOP/SIGCONT is involved, so no job-control signal is ever seen by it.)
+    Returns (pid, read end of the CLOEXEC pipe that carries execve's errno)."""
+    go_r, go_w = os.pipe()
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        _child_exec(path, argv, fds, env, cwd, go_r, go_w, err_w)
+    os.close(go_r)
+    os.close(err_w)
+    try:
+        pt.seize(pid, pt.TRACE_OPTIONS | pt.PTRACE_O_EXITKILL)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(go_w)
+        os.close(err_r)
+        raise
+    os.write(go_w, b"g")
+    os.close(go_w)
+    return pid, err_r
+
+
+def _child_exec(path, argv, fds, env, cwd, go_r, go_w, err_w) -> None:  # pragma: no cover
+    code = 0
+    try:
+        os.close(go_w)
+        os.read(go_r, 1)
+        os.close(go_r)
+        for fd, std in zip(fds, (0, 1, 2)):
+            if fd is not None and fd != std:
+                os.dup2(fd, std)
+        if cwd is not None:
+            os.chdir(cwd)
+        os.execve(path, argv, env if env is not None else os.environ)
+    except OSError as exc:
+        code = exc.errno or 0
+    except BaseException:
+        pass
+    finally:
+        try:
+            os.write(err_w, str(code).encode())
+        finally:
+            os._exit(127)
