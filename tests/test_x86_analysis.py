@@ -153,3 +153,10 @@ def test_detour_rel8_jcc_widened():
     d = build_detour(region, 0x500000, HandlerSpec("none"))
     texts = [t for _, t in d.relocated]
     assert texts == ["test edi, edi", "je 0x401114", "xor eax, eax; jmp 0x401106"]
+
+
+def test_extra_targets_landing_pad():
+    r = refuse(BACKEDGE, F + 1, extra_targets=[F + 3])
+    assert r.reason is Reason.JUMP_INTO_RANGE
+    assert str(r) == "entry point 0x401103 (landing pad or external label) is inside the region"
+    assert isinstance(can_optimize(BACKEDGE, F, 15, F + 1, extra_targets=[F + 1, F + 6]), Region)

@@ -85,9 +85,11 @@ def _indirect_kind(insn: Insn) -> str:
     return "through memory"
 
 
-def _scan_function(insns: list[Insn], region: Region) -> Refusal | None:
+def _scan_function(insns: list[Insn], region: Region,
+                   extra_targets: Iterable[int] = ()) -> Refusal | None:
     """Checks 3 and 4, in address order like the kernel: an indirect jump anywhere, or a
-    direct branch landing strictly inside the region."""
+    direct branch landing strictly inside the region; then entry points known from
+    outside the bytes (C++ landing pads, like the kernel's exception-table check)."""
     for insn in insns:
         if insn.kind == "jmp_ind" or (insn.kind == "far" and insn.mnemonic.endswith("jmp")):
             return Refusal(Reason.INDIRECT_JUMP, insn.addr,
@@ -96,6 +98,11 @@ def _scan_function(insns: list[Insn], region: Region) -> Refusal | None:
             return Refusal(Reason.JUMP_INTO_RANGE, insn.addr,
                            f"{insn.mnemonic} at 0x{insn.addr:x} targets 0x{insn.target:x} "
                            "inside the region")
+    for target in sorted(set(extra_targets)):
+        if target in region:
+            return Refusal(Reason.JUMP_INTO_RANGE, target,
+                           f"entry point 0x{target:x} (landing pad or external label) "
+                           "is inside the region")
     return None
 
 
@@ -112,12 +119,15 @@ def _check_relocatable(region: Region) -> Refusal | None:
 
 
 def can_optimize(func_code: bytes, func_addr: int, func_size: int | None, addr: int, *,
-                 other_probes: Iterable[int] = ()) -> Region | Refusal:
+                 other_probes: Iterable[int] = (),
+                 extra_targets: Iterable[int] = ()) -> Region | Refusal:
     """The region to patch at ``addr``, or why a 5-byte jump there is unsafe.
 
     ``func_code`` holds the ORIGINAL bytes of the containing function (from
     ``func_addr``, at least ``func_size`` of them); ``other_probes`` the addresses of the
-    other probes (armed or not) in the process.  Steps:
+    other probes (armed or not) in the process; ``extra_targets`` addresses entered
+    from outside the function's own branches (e.g. C++ landing pads parsed from
+    .gcc_except_table), which must not lie inside the region either.  Steps:
       1. the function is known and contains addr;   2. addr is an instruction boundary;
       3. the region fits in the function;            4. no foreign int3 / other probe in it;
       5. the whole function decodes; no indirect jump, no branch into the region;
@@ -146,5 +156,5 @@ def can_optimize(func_code: bytes, func_addr: int, func_size: int | None, addr: 
         return Refusal(Reason.DECODE_ERROR, swept,
                        f"cannot decode the function past 0x{swept:x}, so jumps into the "
                        "region cannot be ruled out")
-    refusal = _scan_function(insns, region) or _check_relocatable(region)
+    refusal = _scan_function(insns, region, extra_targets) or _check_relocatable(region)
     return refusal if refusal is not None else region
