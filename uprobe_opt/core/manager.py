@@ -299,10 +299,16 @@ class ProbeManager:
             except TargetError:
                 continue
             words = [regs.rip] + self._stack_words(regs.rsp, maps)
+            if regs.orig_rax < (1 << 63):
+                # Inside a system call: an interrupted call is restarted by moving rip
+                # back over the 2-byte syscall instruction (kernel
+                # arch/x86/kernel/signal.c, ERESTART* handling), so the thread may
+                # resume at rip-2.
+                words.append(regs.rip - 2)
             for w in words:
                 for lo, hi, s in spans:
                     if lo <= w < hi and s.addr not in busy:
-                        where = "rip" if w == regs.rip else "a stack word"
+                        where = "rip" if w in (regs.rip, regs.rip - 2) else "a stack word"
                         busy[s.addr] = (f"thread {tid} keeps {where} {w:#x} inside the "
                                         f"region at {s.addr:#x}")
         return busy
