@@ -129,10 +129,14 @@ def test_build_detour_too_far():
 
 def test_build_detour_riprel_out_of_range():
     # mov eax, [rip + 0x7ff00000] at F; slot 256 MiB below: jmp reaches, disp32 does not
-    code = bytes.fromhex("8b050000f07fc3")
+    code = bytes.fromhex("c5fe6f050000f07fc3")      # vmovdqu ymm0, [rip + 0x7ff00000]
     region = can_optimize(code, F, len(code), F)
     r = build_detour(region, F - 0x10000000, HandlerSpec("none"))
     assert r.reason is Reason.RIPREL_OUT_OF_RANGE and r.addr == F
+    code = bytes.fromhex("8b050000f07fc3")          # legacy encoding: scratch register
+    region = can_optimize(code, F, len(code), F)
+    d = build_detour(region, F - 0x10000000, HandlerSpec("none"))
+    assert d.relocated[0][1].startswith("lea rsp, [rsp - 0x80]; push rcx; movabs rcx, 0x80301106")
 
 
 def test_detour_fields_and_relocated_text():

@@ -234,3 +234,25 @@ def test_python_frame_read_and_write():
     assert uc.reg_read(X.UC_X86_REG_EFLAGS) & FLAGS_MASK == 0
     assert bytes(uc.mem_read(RSP0 - 8, 8)) == (0x1234).to_bytes(8, "little")
     assert frame_offset("rsp") == 152
+
+
+@pytest.mark.parametrize("code,regs", [
+    (RIPLOAD[:6], {}),
+    (CMPIMM[:7], {}),
+    (bytes.fromhex("488d05") + rel32(DATA - (FUNC + 7)), {}),            # lea rax, [rip+X]
+    (bytes.fromhex("480fb10d") + rel32(DATA - (FUNC + 8)), {"rax": 5}),   # cmpxchg [rip+X], rcx
+])
+def test_xol_scratch_register_rewrite_runs_like_original(code, regs):
+    """A slot beyond disp32 reach of the data: the scratch-register form must leave every
+    register (the scratch one included), flags, red zone and memory as the original."""
+    slot = FAR_DATA + 0x200
+    plan = prepare_xol(code, FUNC, slot)
+    assert b"\x48\xb8"[:1] in plan.code            # movabs present: the scratch form
+    data = (5).to_bytes(8, "little")
+    uc = machine(code + b"\xc3", regs, data)
+    pc = run_until_outside(uc, FUNC, FUNC, FUNC + len(code))
+    want = snapshot(uc, pc)
+    uc = machine(code + b"\xc3", regs, data)
+    uc.mem_write(slot, plan.code)
+    pc = run_until_outside(uc, slot, slot, slot + len(plan.code))
+    assert snapshot(uc, pc) == want

@@ -75,11 +75,23 @@ def test_xol_vex_evex_riprel():
     assert asm(xol("62f1fe486f0510000000"))[0] == "vmovdqu64 zmm0, zmmword ptr [rip - 0xff0]"
 
 
-def test_xol_riprel_out_of_range():
-    r = xol("8b05c32e0000", slot=FAR)
+def test_xol_riprel_out_of_range_scratch_register():
+    assert asm(xol("8b05c32e0000", slot=FAR))[:6] == [
+        "lea rsp, [rsp - 0x80]", "push rcx", "movabs rcx, 0x403ec9", "mov eax, dword ptr [rcx]",
+        "pop rcx", "lea rsp, [rsp + 0x80]"]
+    # cmpxchg uses rax implicitly and rcx explicitly: rdx is the scratch; REX.W kept
+    assert asm(xol("480fb10d10000000", slot=FAR))[1:4] == [
+        "push rdx", "movabs rdx, 0x401018", "cmpxchg qword ptr [rdx], rcx"]
+    # immediate after the displacement stays in place
+    assert asm(xol("833d1000000005", slot=FAR))[3] == "cmp dword ptr [rax], 5"
+
+
+def test_xol_riprel_out_of_range_refused():
+    r = xol("c5fe6f05c32e0000", slot=FAR)       # VEX: no scratch rewrite
     assert r.reason is Reason.RIPREL_OUT_OF_RANGE
-    assert str(r) == ("'mov eax, dword ptr [rip + 0x2ec3]' at 0x401000 reaches 0x403ec9, "
+    assert str(r) == ("'vmovdqu ymm0, ymmword ptr [rip + 0x2ec3]' at 0x401000 reaches 0x403ecb, "
                       "beyond +-2 GiB of its relocated copy at 0x7f0000001000")
+    assert xol("ff35c32e0000", slot=FAR).reason is Reason.RIPREL_OUT_OF_RANGE   # push: uses rsp
 
 
 def test_xol_jcc_rel8_and_far():

@@ -49,6 +49,8 @@ class Insn:
     prefixes: bytes = b""
     modrm: int | None = None
     mem_base: str | None = None     # base register name of the memory operand ("rsp", "rip", ...)
+    modrm_offset: int | None = None
+    regs: frozenset = frozenset()   # 64-bit GPR families read or written, implicit ones included
 
     @property
     def end(self) -> int:
@@ -113,6 +115,29 @@ def _classify(code: bytes) -> tuple[str, int | None]:
     return "other", None
 
 
+_FAMILY = {}
+for _q, _names in {"rax": "al ah ax eax", "rbx": "bl bh bx ebx", "rcx": "cl ch cx ecx",
+                   "rdx": "dl dh dx edx", "rsi": "sil si esi", "rdi": "dil di edi",
+                   "rbp": "bpl bp ebp", "rsp": "spl sp esp", "rip": "ip eip"}.items():
+    for _n in _names.split() + [_q]:
+        _FAMILY[_n] = _q
+
+
+def _family(name: str) -> str:
+    """'eax' -> 'rax', 'r9d' -> 'r9'; other registers unchanged."""
+    if name.startswith("r") and name[1:2].isdigit():
+        return name.rstrip("dwb")
+    return _FAMILY.get(name, name)
+
+
+def _regs_used(ci) -> frozenset:
+    try:
+        read, written = ci.regs_access()
+    except capstone.CsError:
+        return frozenset()
+    return frozenset(_family(ci.reg_name(r)) for r in list(read) + list(written))
+
+
 def _make_insn(ci) -> Insn:
     raw = bytes(ci.bytes)
     kind, cc = _classify(raw)
@@ -130,7 +155,8 @@ def _make_insn(ci) -> Insn:
     prefixes = bytes(raw[: _opcode_index(raw)])
     prefixes = bytes(b for b in prefixes if not 0x40 <= b <= 0x4F)
     return Insn(ci.address, ci.size, raw, ci.mnemonic, ci.op_str, kind, target, cc,
-                rip_off, rip_target, prefixes, ci.modrm if ci.modrm_offset else None, base)
+                rip_off, rip_target, prefixes, ci.modrm if ci.modrm_offset else None, base,
+                ci.modrm_offset or None, _regs_used(ci))
 
 
 def decode(code: bytes, code_addr: int) -> list[Insn]:

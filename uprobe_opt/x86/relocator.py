@@ -102,10 +102,29 @@ class Relocator:
         raw = insn.bytes if raw is None else raw
         off = insn.rip_disp_offset
         if not fits_rel32(self.writer.pc + len(raw), insn.rip_target):
+            if raw is insn.bytes and _scratch_for(insn) is not None:
+                return self.rewrite_rip_scratch(insn)
             return Refusal(Reason.RIPREL_OUT_OF_RANGE, insn.addr,
                            f"'{insn}' at 0x{insn.addr:x} reaches 0x{insn.rip_target:x}, beyond "
                            f"+-2 GiB of its relocated copy at 0x{self.writer.pc:x}")
         self.writer.put_riprel(raw[:off], insn.rip_target, raw[off + 4:])
+        return None
+
+    def rewrite_rip_scratch(self, insn: Insn) -> Refusal | None:
+        """A RIP-relative operand beyond disp32 reach of the copy, done like kernel
+        uprobes (arch/x86/kernel/uprobes.c, riprel_analyze): the address goes into a
+        scratch register the instruction does not use, and the operand becomes
+        [scratch+0].  The scratch register is saved below the red zone and restored;
+        lea/push/mov/pop leave the flags alone.  Only for legacy encodings that do not
+        use rsp (see _scratch_for)."""
+        w = self.writer
+        name, num = _scratch_for(insn)
+        w.put_asm("lea rsp, [rsp - 128]")
+        w.put_asm(f"push {name}")
+        w.put_asm(f"movabs {name}, {insn.rip_target:#x}")
+        w.put_bytes(_riprel_to_base(insn, num))
+        w.put_asm(f"pop {name}")
+        w.put_asm("lea rsp, [rsp + 128]")
         return None
 
     def rewrite_jcc(self, insn: Insn) -> Refusal | None:
@@ -158,6 +177,40 @@ class Relocator:
         w.put_jmp(insn.target)
         w.put_label(nxt)
         return None
+
+
+_SCRATCH = (("rax", 0), ("rcx", 1), ("rdx", 2), ("rbx", 3), ("rsi", 6), ("rdi", 7))
+_VECTOR_ESCAPES = frozenset(b"\xc4\xc5\x62\x8f")
+
+
+def _scratch_for(insn: Insn) -> tuple[str, int] | None:
+    """A low GPR the instruction neither reads nor writes (implicit uses included), or
+    None when the scratch rewrite does not apply: VEX/EVEX/XOP encodings (their
+    inverted REX bits are not handled), stack users (our push moves rsp), branches."""
+    if insn.kind != "other" or insn.modrm_offset is None or "rsp" in insn.regs:
+        return None
+    rex_pos = len(insn.prefixes)
+    op_pos = rex_pos + (1 if 0x40 <= insn.bytes[rex_pos] <= 0x4F else 0)
+    if insn.bytes[op_pos] in _VECTOR_ESCAPES:
+        return None
+    for name, num in _SCRATCH:
+        if name not in insn.regs:
+            return name, num
+    return None
+
+
+def _riprel_to_base(insn: Insn, num: int) -> bytes:
+    """The instruction with [rip+disp32] replaced by [reg+disp32=0] (mod=10, rm=reg;
+    REX.B cleared since reg is one of the low eight).  Same length and layout, so an
+    immediate after the displacement stays in place."""
+    raw = bytearray(insn.bytes)
+    rex_pos = len(insn.prefixes)
+    if 0x40 <= raw[rex_pos] <= 0x4F and rex_pos < insn.modrm_offset:
+        raw[rex_pos] &= ~0x01 & 0xFF
+    mo = insn.modrm_offset
+    raw[mo] = 0x80 | (raw[mo] & 0x38) | num
+    raw[insn.rip_disp_offset: insn.rip_disp_offset + 4] = bytes(4)
+    return bytes(raw)
 
 
 def _opcode_pos(raw: bytes) -> int:
