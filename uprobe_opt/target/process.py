@@ -447,6 +447,9 @@ class Target:
         if not argv:
             raise UsageError("spawn: empty argv")
         path = _resolve_program(argv[0], env)
+        for fd in (stdin, stdout, stderr):
+            if fd is not None and (not isinstance(fd, int) or fd < 0):
+                raise UsageError(f"spawn: stdin/stdout/stderr must be fds, not {fd!r}")
         pid, err_r = _fork_exec(path, list(argv), (stdin, stdout, stderr), env, cwd)
         self = cls(pid)
         self._threads[pid] = _Thread(pid, pid)
