@@ -83,6 +83,9 @@ def _modrm_reg(code: bytes, i: int) -> int | None:
 def _classify(code: bytes) -> tuple[str, int | None]:
     """(kind, jcc condition nibble) from the raw bytes of one instruction."""
     i = _opcode_index(code)
+    if i + 1 >= len(code):
+        return ({0xC3: "ret", 0xCC: "int3", 0xCB: "far", 0xCF: "iret", 0xF1: "int"}
+                .get(code[i], "other") if i < len(code) else "other"), None
     op = code[i]
     if op in _VECTOR_ESCAPES:
         return "other", None

@@ -170,7 +170,7 @@ class Relocator:
         ``loopX taken; jmp short next; taken: jmp target; next:``."""
         w = self.writer
         taken, nxt = w.new_label("taken"), w.new_label("next")
-        opcode = insn.bytes[len(insn.prefixes)]
+        opcode = insn.bytes[-2]         # e0..e3, right before the rel8
         w.put_branch_rel8(opcode, taken)
         w.put_jmp_rel8(nxt)
         w.put_label(taken)
