@@ -40,7 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--json", action="store_true", help="JSON lines output")
     tr.add_argument("-o", "--output", metavar="FILE", help="write our output to FILE")
     tr.add_argument("--no-optimize", action="store_true", help="keep every probe int3")
-    tr.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
     ex = sub.add_parser("explain", help="show how each probe site would be optimized",
                         usage="uprobe-opt explain [-p PID | BINARY] PROBE... [--json]")

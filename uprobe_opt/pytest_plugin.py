@@ -48,6 +48,10 @@ class TracedRun:
         self.argv = [str(a) for a in argv]
         self._out = tempfile.TemporaryFile()
         self._err = tempfile.TemporaryFile()
+        self._null = None
+        if stdin == subprocess.DEVNULL:
+            self._null = open(os.devnull, "rb")
+            stdin = self._null.fileno()
         self.tracer = Tracer.spawn(self.argv, stdin=stdin, stdout=self._out.fileno(),
                                    stderr=self._err.fileno(), env=env, optimize=optimize)
         self.result: Result | None = None
@@ -89,6 +93,8 @@ class TracedRun:
                 pass
         self._out.close()
         self._err.close()
+        if self._null is not None:
+            self._null.close()
 
 
 @pytest.fixture

@@ -176,18 +176,10 @@ class Tracer:
 
     def _pump(self, timeout: float) -> None:
         for ev in self.target.poll(timeout):
-            kind = type(ev).__name__
-            if kind == "TrapEvent":
-                try:
-                    self.manager.on_trap(ev.tid)
-                except ProcessGone:
-                    pass
-            elif kind == "ExecEvent":
-                self.exec_seen = True
-                self.manager.on_exec()
-                self.notes.append("target exec'd: probes are gone")
-            elif kind == "ExitEvent":
-                pass
+            self.manager.handle_event(ev)
+        if self.manager.exec_seen and not self.exec_seen:
+            self.exec_seen = True
+            self.notes.append("target exec'd a new program: its probes are gone")
 
     # -- results ----------------------------------------------------------------------
     def summary(self) -> list[dict]:

@@ -50,6 +50,10 @@ class ProbeManager:
         self.ncpu_slots = 1 << max(0, (os.cpu_count() or 1) - 1).bit_length()
         self.rseq_offset: int | None = None
         self.pauses: list[float] = []            # seconds each quiescence point lasted
+        self.held: list[tuple[int, bool]] = []   # trap threads handled while all-stopped
+        self.exited = False
+        self.exec_seen = False
+        self._rewind = False
         target.fork_hook = self.on_fork
 
     # -- helpers ----------------------------------------------------------------------
@@ -178,6 +182,7 @@ class ProbeManager:
         for other in list(self.sites.values()):
             if other is not site and other.optimized and self.arch.within(other.region, site.addr):
                 self._unoptimize(other)
+                other.detour = None     # its relocated copy would skip the new probe
                 other.refusal = f"probe at {site.addr:#x} inside the region"
 
     def _arm(self, site: Site) -> None:
@@ -217,10 +222,23 @@ class ProbeManager:
         due = [s for s in self.optimizing if force or s.retry_at <= now]
         if not due:
             return 0
+        try:
+            return self._optimize_batch(due, now)
+        finally:
+            self.release_held()
+
+    def _optimize_batch(self, due: list[Site], now: float) -> int:
         with self._stopped():
             ready = [s for s in due if self._prepare_detour(s)]
             if not ready:
                 return 0
+            # Threads that trapped on a breakpoint before we stopped them: run their
+            # hits now, resuming them (later) in the detour's relocated region.
+            for ev in self.target.poll(0):
+                self.handle_event(ev, resume=False)
+            if self.exited or self.exec_seen:
+                return 0
+            self._redirect_xol_starts(ready)
             busy = self._busy_ranges(ready)
             done = 0
             for site in ready:
@@ -268,6 +286,7 @@ class ProbeManager:
 
     def _refuse(self, site: Site, refusal) -> bool:
         site.refusal = refusal
+        site.detour = None
         self._dequeue(site)
         return False
 
@@ -281,6 +300,21 @@ class ProbeManager:
         return self.arch.handler_spec("count", counter_addr=site.counter.addr,
                                       ncpu_slots=self.ncpu_slots,
                                       rseq_offset=self.rseq_offset)
+
+    def _redirect_xol_starts(self, sites: list[Site]) -> None:
+        """A thread about to run a site's XOL copy (rip at its first byte) is moved to
+        the detour's relocated region: same effect, and it no longer returns into the
+        middle of the region."""
+        starts = {s.xol_addr: s for s in sites if s.detour is not None}
+        for tid in self.target.tids:
+            try:
+                regs = self.target.get_regs(tid)
+            except TargetError:
+                continue
+            site = starts.get(regs.rip)
+            if site is not None:
+                regs.rip = site.detour.reloc_addr
+                self.target.set_regs(tid, regs)
 
     def _busy_ranges(self, sites: list[Site]) -> dict[int, str]:
         """Sites some thread could resume inside: rip or a live stack word strictly
@@ -368,7 +402,7 @@ class ProbeManager:
         pc = regs.rip - 1
         site = self.sites.get(pc)
         if site is not None and site.xol_addr is not None and (site.armed or site.optimized):
-            self._int3_hit(site, tid, regs, rewind)
+            self._int3_hit(site, tid, regs, rewind or self._rewind)
         elif pc in self.trap_sites:
             self._detour_hit(self.trap_sites[pc], tid, regs)
         elif pc in self.former_sites and self.target.read(pc, 1) != self.arch.breakpoint:
@@ -394,8 +428,17 @@ class ProbeManager:
         if view is None or "rip" not in view.dirty:
             # Resume out of line: the displaced instruction runs from the XOL slot and
             # jumps back; the breakpoint never leaves the site.
-            regs.rip = site.addr if rewind else site.xol_addr
+            regs.rip = site.addr if rewind else self._resume_addr(site)
         self.target.set_regs(tid, regs)
+
+    def _resume_addr(self, site: Site) -> int:
+        """Where an int3 hit continues: the detour's relocated copy of the whole region
+        once a detour exists (it jumps back to the region's end, so the thread never
+        stands inside the region: kernel setup_detour_execution), else the XOL copy
+        of the one displaced instruction."""
+        if site.detour is not None:
+            return site.detour.reloc_addr
+        return site.xol_addr
 
     def _detour_hit(self, site: Site, tid: int, regs) -> None:
         from uprobe_opt.x86 import frame as fr
@@ -428,6 +471,32 @@ class ProbeManager:
                              + traceback.format_exc().rstrip())
         return view
 
+    # -- events -----------------------------------------------------------------------
+    def handle_event(self, ev, *, resume: bool = True) -> None:
+        """Dispatch one target event.  With resume=False trap threads stay stopped and
+        their tids are collected in ``self.held`` (resume them after resume_all)."""
+        kind = type(ev).__name__
+        if kind == "TrapEvent":
+            try:
+                ours = self.on_trap(ev.tid, resume=resume)
+            except TargetError:
+                return
+            if not resume:
+                self.held.append((ev.tid, ours))
+        elif kind == "ExecEvent":
+            self.on_exec()
+        elif kind == "ExitEvent":
+            self.exited = True
+
+    def release_held(self) -> None:
+        """Resume the trap threads handled while all threads were stopped."""
+        held, self.held = self.held, []
+        for tid, ours in held:
+            try:
+                self.target.resume(tid, 0 if ours else signal.SIGTRAP)
+            except TargetError:
+                pass
+
     # -- life-cycle events ------------------------------------------------------------
     def on_fork(self, child) -> None:
         """A forked child inherits our patched text but not our tracer: put every
@@ -440,6 +509,7 @@ class ProbeManager:
 
     def on_exec(self) -> None:
         """The address space is gone: every probe is gone; never write again."""
+        self.exec_seen = True
         for probe in self.probes:
             if probe.registered and not probe.is_gone:
                 probe.gone_reason = "target exec'd a new program"
@@ -452,14 +522,17 @@ class ProbeManager:
         hits count; the thread is rewound to the site, whose original bytes return),
         restore every byte, unmap idle detour areas, release the trapped threads.
         Returns notes for the user."""
-        held = []
-        for ev in self.target.poll(0):
-            if type(ev).__name__ == "TrapEvent":
-                held.append((ev.tid, self.on_trap(ev.tid, resume=False, rewind=True)))
+        self._rewind = True
+        try:
+            for ev in self.target.poll(0):
+                self.handle_event(ev, resume=False)
+        finally:
+            self._rewind = False
+        if self.exited or self.exec_seen:
+            return []
         self.restore_all()
         notes = self.release_areas()
-        for tid, ours in held:
-            self.target.resume(tid, 0 if ours else signal.SIGTRAP)
+        self.release_held()
         return notes
 
     def restore_all(self) -> None:
