@@ -164,3 +164,13 @@ def test_extra_targets_landing_pad():
     assert r.reason is Reason.JUMP_INTO_RANGE
     assert str(r) == "entry point 0x401103 (landing pad or external label) is inside the region"
     assert isinstance(can_optimize(BACKEDGE, F, 15, F + 1, extra_targets=[F + 1, F + 6]), Region)
+
+
+def test_shadow_stack_refuses_emulated_calls():
+    code = bytes.fromhex("4831c0ffd0c3")
+    r = can_optimize(code, F, len(code), F, shadow_stack=True)
+    assert r.reason is Reason.NOT_RELOCATABLE
+    assert str(r) == "'call rax' at 0x401103: an emulated call breaks the shadow stack"
+    from uprobe_opt.x86 import prepare_xol
+    assert prepare_xol(bytes.fromhex("e810000000"), F, 0x500000, shadow_stack=True).reason is Reason.NOT_RELOCATABLE
+    assert not isinstance(prepare_xol(bytes.fromhex("4831c0"), F, 0x500000, shadow_stack=True), Refusal)

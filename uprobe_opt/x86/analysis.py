@@ -106,10 +106,10 @@ def _scan_function(insns: list[Insn], region: Region,
     return None
 
 
-def _check_relocatable(region: Region) -> Refusal | None:
+def _check_relocatable(region: Region, shadow_stack: bool = False) -> Refusal | None:
     """Check 5: a dry run of the relocation at the probe's own address (so RIP reach is
     not in question here; build_detour checks it for the real slot)."""
-    relocator = Relocator(TrampolineWriter(region.addr), "region")
+    relocator = Relocator(TrampolineWriter(region.addr), "region", shadow_stack=shadow_stack)
     last = len(region.insns) - 1
     for i, insn in enumerate(region.insns):
         refusal = relocator.write_one(insn, is_last=(i == last))
@@ -120,14 +120,17 @@ def _check_relocatable(region: Region) -> Refusal | None:
 
 def can_optimize(func_code: bytes, func_addr: int, func_size: int | None, addr: int, *,
                  other_probes: Iterable[int] = (),
-                 extra_targets: Iterable[int] = ()) -> Region | Refusal:
+                 extra_targets: Iterable[int] = (),
+                 shadow_stack: bool = False) -> Region | Refusal:
     """The region to patch at ``addr``, or why a 5-byte jump there is unsafe.
 
     ``func_code`` holds the ORIGINAL bytes of the containing function (from
     ``func_addr``, at least ``func_size`` of them); ``other_probes`` the addresses of the
     other probes (armed or not) in the process; ``extra_targets`` addresses entered
     from outside the function's own branches (e.g. C++ landing pads parsed from
-    .gcc_except_table), which must not lie inside the region either.  Steps:
+    .gcc_except_table), which must not lie inside the region either; ``shadow_stack``
+    refuses calls in the region (their push+jmp form faults under CET shadow stacks).
+    Steps:
       1. the function is known and contains addr;   2. addr is an instruction boundary;
       3. the region fits in the function;            4. no foreign int3 / other probe in it;
       5. the whole function decodes; no indirect jump, no branch into the region;
@@ -156,5 +159,5 @@ def can_optimize(func_code: bytes, func_addr: int, func_size: int | None, addr: 
         return Refusal(Reason.DECODE_ERROR, swept,
                        f"cannot decode the function past 0x{swept:x}, so jumps into the "
                        "region cannot be ruled out")
-    refusal = _scan_function(insns, region, extra_targets) or _check_relocatable(region)
+    refusal = _scan_function(insns, region, extra_targets) or _check_relocatable(region, shadow_stack)
     return refusal if refusal is not None else region

@@ -40,11 +40,15 @@ def _refuse(insn: Insn, fmt: str, reason: Reason = Reason.NOT_RELOCATABLE) -> Re
 class Relocator:
     """Relocates instructions into ``writer`` (which is positioned at the run address)."""
 
-    def __init__(self, writer: TrampolineWriter, scenario: str = "region"):
+    def __init__(self, writer: TrampolineWriter, scenario: str = "region", *,
+                 shadow_stack: bool = False):
+        """``shadow_stack``: the thread runs with CET shadow stacks (x86_Thread_features
+        shstk), so a call emulated as push+jmp would make the callee's ret fault (#CP)."""
         if scenario not in ("xol", "region"):
             raise ValueError(f"unknown scenario {scenario!r}")
         self.writer = writer
         self.scenario = scenario
+        self.shadow_stack = shadow_stack
         self.ends_flow = False      # the last written instruction never falls through
 
     # -- decision -------------------------------------------------------------------
@@ -66,6 +70,8 @@ class Relocator:
                 return _refuse(insn, "'{t}' at 0x{a:x} is not the last instruction of the region")
             if insn.kind in _UNCONDITIONAL:
                 return _refuse(insn, "'{t}' at 0x{a:x} is followed by more region bytes")
+        if self.shadow_stack and insn.kind in ("call", "call_ind"):
+            return _refuse(insn, "'{t}' at 0x{a:x}: an emulated call breaks the shadow stack")
         if insn.kind == "call_ind" and insn.op_str == "rsp":
             return _refuse(insn, "'{t}' at 0x{a:x} calls through rsp")
         return None

@@ -23,17 +23,19 @@ class XolPlan:
     insn: Insn
 
 
-def prepare_xol(insn_bytes: bytes, addr: int, slot_addr: int) -> XolPlan | Refusal:
+def prepare_xol(insn_bytes: bytes, addr: int, slot_addr: int, *,
+                shadow_stack: bool = False) -> XolPlan | Refusal:
     """Out-of-line copy of the single instruction at ``addr`` (``insn_bytes`` holds its
     ORIGINAL bytes, possibly followed by more).  Running the result at ``slot_addr``
     with the registers as at ``addr`` has the effect of that instruction, then continues
-    at ``addr+len`` or at the same absolute branch target."""
+    at ``addr+len`` or at the same absolute branch target.  ``shadow_stack``: refuse
+    calls (emulated as push+jmp they fault under CET shadow stacks)."""
     insn = decode_one(insn_bytes, addr)
     if insn is None:
         return Refusal(Reason.DECODE_ERROR, addr,
                        f"cannot decode the instruction at 0x{addr:x} ({bytes(insn_bytes[:15]).hex()})")
     writer = TrampolineWriter(slot_addr)
-    relocator = Relocator(writer, "xol")
+    relocator = Relocator(writer, "xol", shadow_stack=shadow_stack)
     refusal = relocator.write_one(insn, is_last=True)
     if refusal is not None:
         return refusal
