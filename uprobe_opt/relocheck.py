@@ -1,11 +1,805 @@
-"""Placeholder: ``uprobe-opt check-reloc`` (differential emulation of relocations)."""
+"""``uprobe-opt check-reloc``: prove the relocator by differential emulation.
 
+For every function entry of the given ELF files (after endbr64, as the tool probes it;
+with ``--all-boundaries`` also every instruction boundary in the first 32 bytes) this
+runs the safety analysis (``x86.can_optimize``).  Each site it calls optimizable is then
+run twice in unicorn from the same randomized state:
+
+* the ORIGINAL region at its link-time address, until rip leaves ``[addr, addr+size)``
+  (or branches back to ``addr``);
+* the DETOUR built by ``x86.build_detour`` at a slot a random distance away (one state
+  per site puts it near the +-2 GiB limit), entered at the slot (the 5-byte jump is
+  written at ``addr`` too), until rip leaves the slot;
+
+and compares: the 16 GPRs, the arithmetic flags and DF, xmm0-15, every byte either run
+wrote (the red zone ``[rsp-128, rsp)`` included), the addresses the region read, and
+where control goes next (the same absolute address).  Every state runs the detour twice,
+with ``HandlerSpec("none")`` and with a per-CPU ``count`` handler, whose counter
+increment must be the only extra write besides the detour's frame below the red zone.
+
+Memory is mapped on demand: any page either run touches is filled from a function of
+(state, page address) only, so both runs see the same bytes wherever they look.  Pages
+hold a mix of random bytes and canonical pointers, so a pointer loaded from memory can
+be followed.  Registers that the region uses as memory bases get canonical pointers.
+
+Outcomes per site: ``optimizable`` or the Refusal's reason; for optimizable sites
+``skipped`` (nondeterministic instructions such as rdtsc/cpuid, or instructions unicorn
+cannot execute, e.g. AVX2) or checked, with any mismatch reported with its bytes,
+instructions, and diverging state.  Not compared: the x87/AVX upper state, segment
+registers other than fs base, and what a syscall does (runs stop AT a syscall).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import capstone
+import unicorn
+import unicorn.x86_const as UX
+from capstone import x86_const as CX
+
+from uprobe_opt import x86
+from uprobe_opt.errors import SymbolError
+from uprobe_opt.symbols import SymbolResolver
+from uprobe_opt.x86.writer import fits_rel32
+
+__all__ = ["Function", "Site", "Mismatch", "FileReport", "iter_functions", "find_sites",
+           "check_site", "check_file", "default_corpus", "add_parser", "cmd_check_reloc"]
+
+PAGE = 0x1000
+INT32_MAX = (1 << 31) - 1
+GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
+        "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+_UREG = {n: getattr(UX, f"UC_X86_REG_{n.upper()}") for n in GPRS + ("rip", "eflags")}
+_XMM = tuple(getattr(UX, f"UC_X86_REG_XMM{i}") for i in range(16))
+FLAGS_MASK = 0x8D5 | 0x400      # CF PF AF ZF SF OF, and DF
+BOUNDARY_WINDOW = 32            # bytes from the entry scanned with --all-boundaries
+MAX_INSNS = 400                 # instructions per run (a detour is < 60)
+
+# Address space of the emulated process (link-time code addresses are low; all our own
+# areas are high, canonical, and far from any slot within +-2 GiB of the code).
+STACK_BASE, STACK_SIZE = 0x7FFE_0000_0000, 0x10000
+TLS_BASE = 0x7FFC_0000_2000           # fs base; the TLS block is mapped on demand
+HEAP_BASE, HEAP_SPAN = 0x5500_0000_0000, 1 << 32
+FAR_COUNTERS = 0x6000_0000_0000
+SLOT_MIN, SLOT_MAX = 0x10000, 0x7FFF_0000_0000
+RSEQ_OFFSET = -0x7A0                  # struct rseq at fs + this (cpu_id at +4)
+NCPU_SLOTS = 2
+
+# Instructions whose result unicorn cannot reproduce the way the CPU does.
+NONDETERMINISTIC = frozenset({
+    "rdtsc", "rdtscp", "rdrand", "rdseed", "cpuid", "xgetbv", "rdpid", "rdpmc",
+    "rdpkru", "xsave", "xsavec", "xsaveopt", "xsaves", "xrstor", "xrstors", "xsave64",
+    "xsavec64", "xsaveopt64", "xrstor64", "rdsspq", "rdsspd", "incsspq", "incsspd",
+    "umwait", "tpause", "serialize", "lfence", "mfence", "sfence"})
+_STRING_OPS = ("movs", "stos", "lods", "scas", "cmps", "ins", "outs")
+
+_CS = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+_CS.detail = True
+
+
+# ---------------------------------------------------------------------------------------
+# Functions and sites
+
+@dataclass(frozen=True)
+class Function:
+    """A function symbol: link-time ``addr``, ``size`` in bytes, best alias ``name``."""
+    name: str
+    addr: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Site:
+    """A probe site: ``addr`` inside ``func`` (its entry, after endbr64, or a later
+    instruction boundary)."""
+    addr: int
+    func: Function
+
+
+class CodeImage:
+    """The ORIGINAL bytes of an ELF's executable segments at link-time addresses."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.resolver = SymbolResolver(binary=path)
+        self.obj = next(self.resolver.iter_libraries())
+        self._segs: list[tuple[int, bytes]] = []
+        for seg in self.obj.elf.segments:
+            if seg.flags & 1 and seg.filesz:         # PF_X
+                self._segs.append((seg.vaddr, self.resolver.read_code(seg.vaddr, seg.filesz)))
+
+    def read(self, addr: int, size: int) -> bytes | None:
+        """``size`` bytes at ``addr`` if one executable segment holds them all."""
+        for vaddr, data in self._segs:
+            if vaddr <= addr and addr + size <= vaddr + len(data):
+                return data[addr - vaddr: addr - vaddr + size]
+        return None
+
+    def read_page(self, page: int) -> bytes:
+        """The page at ``page`` with executable bytes filled in, zero elsewhere."""
+        out = bytearray(PAGE)
+        for vaddr, data in self._segs:
+            lo, hi = max(page, vaddr), min(page + PAGE, vaddr + len(data))
+            if lo < hi:
+                out[lo - page: hi - page] = data[lo - vaddr: hi - vaddr]
+        return bytes(out)
+
+
+def iter_functions(image: CodeImage) -> list[Function]:
+    """STT_FUNC/IFUNC symbols with a size whose bytes lie in an executable segment, one
+    per address (aliases collapse to the best-ranked name), sorted by address."""
+    best: dict[int, object] = {}
+    for syms in image.obj.elf.by_name().values():
+        for s in syms:
+            if not s.is_func or s.size <= 0:
+                continue
+            cur = best.get(s.value)
+            if cur is None or (s.rank(), -s.size) < (cur.rank(), -cur.size):
+                best[s.value] = s
+    funcs = [Function(s.name, s.value, s.size) for s in best.values()]
+    return sorted((f for f in funcs if image.read(f.addr, f.size) is not None),
+                  key=lambda f: f.addr)
+
+
+def find_sites(image: CodeImage, funcs: Iterable[Function],
+               all_boundaries: bool = False) -> list[Site]:
+    """Each function's probe address for ``func+0`` (after endbr64, like the tool), and
+    with ``all_boundaries`` every instruction start in its first 32 bytes; one site per
+    address."""
+    sites: dict[int, Site] = {}
+    for f in funcs:
+        code = image.read(f.addr, f.size)
+        entry = x86.skip_endbr(code, f.addr, f.addr)
+        if entry < f.addr + f.size:
+            sites.setdefault(entry, Site(entry, f))
+        if all_boundaries:
+            window = code[: min(f.size, BOUNDARY_WINDOW + 15)]
+            for insn in x86.decode(window, f.addr):
+                if insn.addr >= f.addr + BOUNDARY_WINDOW:
+                    break
+                if insn.addr >= entry:
+                    sites.setdefault(insn.addr, Site(insn.addr, f))
+    return [sites[a] for a in sorted(sites)]
+
+
+# ---------------------------------------------------------------------------------------
+# Randomized machine state
+
+def _page_fill(seed: int, zero: bool, page: int) -> bytes:
+    """The bytes of ``page`` in a state: a function of (seed, page) only, so both runs
+    see the same memory.  Qwords are random or canonical heap pointers."""
+    if zero:
+        return bytes(PAGE)
+    rng = random.Random(seed * 0x9E3779B97F4A7C15 ^ page)
+    raw = bytearray(rng.randbytes(PAGE))
+    for i in range(0, PAGE, 16):        # every other qword slot may hold a pointer
+        if raw[i] & 1:
+            ptr = HEAP_BASE + (int.from_bytes(raw[i: i + 8], "little") % HEAP_SPAN)
+            raw[i: i + 8] = ptr.to_bytes(8, "little")
+    return bytes(raw)
+
+
+@dataclass
+class State:
+    """One randomized starting state for a site (all runs of the state share it)."""
+    index: int
+    regs: dict[str, int]
+    xmm: tuple[int, ...]
+    eflags: int
+    fill_seed: int
+    zero_fill: bool
+    cpu_id: int
+    slot_addr: int
+    alt_slot_addr: int          # used when build_detour refuses slot_addr (out of reach)
+    counter_addr: int
+
+    @property
+    def rsp(self) -> int:
+        return self.regs["rsp"]
+
+
+def _region_roles(region) -> tuple[set[str], set[str], bool]:
+    """(registers used as memory bases, as memory indexes, region has a rep string op)."""
+    bases, indexes, rep = set(), set(), False
+    for ci in _CS.disasm(region.orig, region.addr):
+        for op in ci.operands:
+            if op.type == CX.X86_OP_MEM:
+                if op.mem.base not in (0, CX.X86_REG_RIP):
+                    bases.add(_CS.reg_name(op.mem.base))
+                if op.mem.index != 0:
+                    indexes.add(_CS.reg_name(op.mem.index))
+        if ci.mnemonic.split()[-1].startswith(_STRING_OPS):
+            bases.update(("rsi", "rdi"))
+            rep = rep or ci.mnemonic.startswith("rep")
+        if ci.mnemonic in ("leave", "xlatb"):
+            bases.add("rbp" if ci.mnemonic == "leave" else "rbx")
+    return _full_regs(bases), _full_regs(indexes), rep
+
+
+def _subreg_table() -> dict[str, str]:
+    table = {}
+    for r in GPRS:
+        if r[1].isdigit():                         # r8..r15: r8d r8w r8b
+            names = (r, r + "d", r + "w", r + "b")
+        elif r[2] == "x":                          # rax: eax ax al ah
+            names = (r, "e" + r[1:], r[1:], r[1] + "l", r[1] + "h")
+        else:                                      # rsi: esi si sil
+            names = (r, "e" + r[1:], r[1:], r[1:] + "l")
+        table.update(dict.fromkeys(names, r))
+    return table
+
+
+_SUBREG = _subreg_table()
+
+
+def _full_regs(names: Iterable[str]) -> set[str]:
+    """64-bit GPR names for capstone (sub-)register names; others dropped."""
+    return {_SUBREG[n] for n in names if n in _SUBREG}
+
+
+def _random_value(rng: random.Random) -> int:
+    kind = rng.random()
+    if kind < 0.45:
+        return HEAP_BASE + rng.randrange(HEAP_SPAN)
+    if kind < 0.75:
+        return rng.choice((0, 1, 2, 0xFFFFFFFFFFFFFFFF, rng.randrange(256), rng.randrange(1 << 32)))
+    return rng.getrandbits(64)
+
+
+def _pick_slot(rng: random.Random, region, near_limit: bool, code_pages: set[int],
+               span: int = INT32_MAX) -> int:
+    """A 16-byte aligned slot address whose detour the probe's jmp rel32 reaches: near
+    the +-2 GiB limit or at a random distance; never on the function's code pages."""
+    jmp_end = region.addr + x86.JMP_REL32_SIZE
+    for _ in range(64):
+        if near_limit:
+            sign = rng.choice((1, -1))
+            dist = INT32_MAX - rng.randrange(0, 4 * x86.SLOT_SIZE, 16) if sign > 0 \
+                else -(INT32_MAX + 1) + rng.randrange(0, 4 * x86.SLOT_SIZE, 16)
+        else:
+            dist = rng.randrange(-span - 1, span - x86.SLOT_SIZE)
+        slot = (jmp_end + dist + 15) & ~15
+        if not fits_rel32(jmp_end, slot):
+            slot -= 16
+        if SLOT_MIN <= slot <= SLOT_MAX and not _pages(slot, x86.SLOT_SIZE) & code_pages:
+            return slot
+    return (jmp_end + PAGE * 64) & ~15     # tiny address space: just after the code
+
+
+def make_state(seed: int, site: Site, region, index: int, code_pages: set[int]) -> State:
+    """State ``index`` of a site, a function of (seed, site address, index) only."""
+    rng = random.Random(f"{seed}:{site.addr:#x}:{index}")
+    bases, indexes, rep = _region_roles(region)
+    regs = {n: _random_value(rng) for n in GPRS}
+    for n in bases:
+        regs[n] = HEAP_BASE + rng.randrange(HEAP_SPAN)
+    for n in indexes - bases:
+        regs[n] = rng.randrange(64)
+    if rep:
+        regs["rcx"] = rng.randrange(8)
+    regs["rsp"] = STACK_BASE + STACK_SIZE // 2 + rng.randrange(0, 0x1000, 16) + rng.choice((0, 8))
+    if "rbp" in bases and rng.random() < 0.5:
+        regs["rbp"] = regs["rsp"] + rng.randrange(0, 0x200, 8)
+    eflags = 0x202 | sum(bit for bit in (0x1, 0x4, 0x10, 0x40, 0x80, 0x800)
+                         if rng.random() < 0.5)
+    slot = _pick_slot(rng, region, index == 0, code_pages)
+    alt_slot = _pick_slot(rng, region, False, code_pages, span=1 << 24)
+    if index % 2:
+        counter = FAR_COUNTERS + rng.randrange(0, 1 << 20, 64)
+    else:
+        counter = ((slot & ~(PAGE - 1)) + PAGE * rng.choice((-2, 2))) + rng.randrange(0, 0x800, 64)
+    return State(index, regs, tuple(rng.getrandbits(128) for _ in range(16)), eflags,
+                 rng.getrandbits(62), index % 4 == 3, rng.choice((-1, 0, 1, 2, 3, 7, 12, 63)),
+                 slot, alt_slot, counter)
+
+
+def _pages(addr: int, size: int) -> set[int]:
+    return set(range(addr & ~(PAGE - 1), addr + size, PAGE))
+
+
+# ---------------------------------------------------------------------------------------
+# Emulation
+
+@dataclass
+class Outcome:
+    """The end of one run.  ``stop``: ("exit", next rip) when rip left the code,
+    ("syscall", original address of the syscall) when a run reached one, ("fault",
+    address) for an access to an unmappable address, ("limit", 0) after MAX_INSNS,
+    ("error", text) for any other emulator error."""
+    stop: tuple[str, object]
+    regs: dict[str, int]
+    xmm: tuple[int, ...]
+    writes: set[int]            # byte addresses written by the region (or its copy)
+    extra_writes: set[int]      # byte addresses the detour wrote before its relocated part
+    reads: set[tuple[int, int]]  # (addr, size) read by the region (or its copy)
+    emu: "_Emu"
+
+
+class _Emu:
+    """One unicorn machine for one run of one state."""
+
+    def __init__(self, pages: dict[int, bytes], state: State):
+        self.uc = uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+        self.state = state
+        self.mapped: dict[int, None] = {}
+        self.phase = 1                  # 0: detour code before the relocated region
+        self.stop: tuple[str, object] | None = None
+        self.writes: list[tuple[int, int, int]] = []
+        self.reads: list[tuple[int, int, int]] = []
+        for page, data in pages.items():
+            self.map_page(page, data)
+        for page in sorted(_pages(STACK_BASE, STACK_SIZE)):
+            self.map_page(page)
+        tls_cpu = TLS_BASE + RSEQ_OFFSET + 4
+        self.map_page(tls_cpu & ~(PAGE - 1))
+        uc.mem_write(tls_cpu, (state.cpu_id & 0xFFFFFFFF).to_bytes(4, "little"))
+        for name, value in state.regs.items():
+            uc.reg_write(_UREG[name], value)
+        uc.reg_write(_UREG["eflags"], state.eflags)
+        for reg, value in zip(_XMM, state.xmm):
+            uc.reg_write(reg, value)
+        uc.reg_write(UX.UC_X86_REG_FS_BASE, TLS_BASE)
+        uc.hook_add(unicorn.UC_HOOK_MEM_READ_UNMAPPED | unicorn.UC_HOOK_MEM_WRITE_UNMAPPED,
+                    self._on_unmapped)
+        uc.hook_add(unicorn.UC_HOOK_MEM_FETCH_UNMAPPED, self._on_fetch_unmapped)
+        uc.hook_add(unicorn.UC_HOOK_MEM_READ | unicorn.UC_HOOK_MEM_WRITE, self._on_access)
+
+    # -- memory -----------------------------------------------------------------------
+    def fill(self, page: int) -> bytes:
+        return _page_fill(self.state.fill_seed, self.state.zero_fill, page)
+
+    def map_page(self, page: int, data: bytes | None = None) -> None:
+        self.uc.mem_map(page, PAGE)
+        self.uc.mem_write(page, self.fill(page) if data is None else data)
+        self.mapped[page] = None
+
+    def _on_unmapped(self, uc, access, addr, size, value, _):
+        try:
+            for page in sorted(_pages(addr, max(size, 1))):
+                if page not in self.mapped:
+                    self.map_page(page)
+        except unicorn.UcError:
+            self.stop = ("fault", addr)      # non-canonical: the CPU would #GP
+            return False
+        return True
+
+    def _on_fetch_unmapped(self, uc, access, addr, size, value, _):
+        self.stop = self.stop or ("exit", addr)
+        return False
+
+    def _on_access(self, uc, access, addr, size, value, _):
+        (self.writes if access == unicorn.UC_MEM_WRITE else self.reads).append(
+            (addr, size, self.phase))
+
+    def read_bytes(self, addrs: Iterable[int]) -> dict[int, int]:
+        """Current value of each byte address (the state's fill where never mapped)."""
+        cache: dict[int, bytes] = {}
+        out = {}
+        for a in addrs:
+            page = a & ~(PAGE - 1)
+            if page not in cache:
+                cache[page] = (bytes(self.uc.mem_read(page, PAGE)) if page in self.mapped
+                               else self.fill(page))
+            out[a] = cache[page][a - page]
+        return out
+
+    # -- running ----------------------------------------------------------------------
+    def run(self, start: int, on_code: Callable[[int], tuple | None]) -> Outcome:
+        def hook(uc, pc, size, _):
+            stop = on_code(pc)
+            if stop is not None:
+                self.stop = stop
+                uc.emu_stop()
+        self.uc.hook_add(unicorn.UC_HOOK_CODE, hook)
+        try:
+            self.uc.emu_start(start, 0, count=MAX_INSNS)
+        except unicorn.UcError as e:
+            if self.stop is None:
+                self.stop = ("error", str(e))
+        return self.outcome()
+
+    def outcome(self) -> Outcome:
+        uc = self.uc
+        regs = {n: uc.reg_read(_UREG[n]) for n in GPRS}
+        regs["eflags"] = uc.reg_read(_UREG["eflags"]) & FLAGS_MASK
+
+        def spread(items, phase):
+            return {a + i for a, s, p in items if p == phase for i in range(s)}
+        return Outcome(self.stop or ("limit", 0), regs, tuple(uc.reg_read(r) for r in _XMM),
+                       spread(self.writes, 1), spread(self.writes, 0),
+                       {(a, s) for a, s, p in self.reads if p == 1}, self)
+
+
+def _is_syscall(emu: _Emu, pc: int) -> bool:
+    return bytes(emu.uc.mem_read(pc, 2)) in (b"\x0f\x05", b"\x0f\x34")
+
+
+def run_original(pages: dict[int, bytes], state: State, region) -> Outcome:
+    """Run the region at its own address until rip leaves it or comes back to its start;
+    stop AT a syscall (what the kernel does is not ours to compare)."""
+    emu = _Emu(pages, state)
+    syscalls = {i.addr for i in region.insns if i.kind == "syscall"}
+    steps = [0]
+
+    def on_code(pc):
+        if steps[0] and (not region.addr <= pc < region.end or pc == region.addr):
+            return ("exit", pc)
+        steps[0] += 1
+        return ("syscall", pc) if pc in syscalls else None
+    return emu.run(region.addr, on_code)
+
+
+def run_detour(pages: dict[int, bytes], state: State, detour) -> Outcome:
+    """Enter the detour at its slot (the 5-byte jump written at the probe address, as
+    in the target) and run until rip leaves the slot."""
+    emu = _Emu(pages, state)
+    region = detour.region
+    for page in sorted(_pages(detour.slot_addr, len(detour.code))):
+        if page not in emu.mapped:
+            emu.map_page(page)
+    emu.uc.mem_write(detour.slot_addr, detour.code)
+    emu.uc.mem_write(region.addr, detour.jump)
+    emu.phase = 0
+    has_syscall = any(i.kind == "syscall" for i in region.insns)
+    last = region.insns[-1].addr
+
+    def on_code(pc):
+        if not detour.slot_addr <= pc < detour.end_addr:
+            return ("exit", pc)
+        if pc == detour.reloc_addr:
+            emu.phase = 1
+        if has_syscall and emu.phase and _is_syscall(emu, pc):
+            return ("syscall", last)       # the relocator keeps a syscall last
+        return None
+    return emu.run(detour.slot_addr, on_code)
+
+
+# ---------------------------------------------------------------------------------------
+# Comparison
+
+def _ranges(addrs: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted byte addresses -> [(start, end)) runs."""
+    out: list[list[int]] = []
+    for a in sorted(addrs):
+        if out and out[-1][1] == a:
+            out[-1][1] = a + 1
+        else:
+            out.append([a, a + 1])
+    return [(lo, hi) for lo, hi in out]
+
+
+def _fmt_stop(stop: tuple) -> str:
+    kind, where = stop
+    return f"{kind} {where:#x}" if isinstance(where, int) and kind != "limit" else f"{kind} {where}"
+
+
+def _compare_memory(orig: Outcome, det: Outcome, allowed_extra: set[int],
+                    state: State) -> list[str]:
+    """Bytes either run's region wrote must end equal; the detour's own writes before
+    the relocated region may only hit its frame below the red zone and ``allowed_extra``."""
+    diffs = []
+    frame_lo, red_zone = state.rsp - x86.RED_ZONE_SIZE - 0x1000, state.rsp - x86.RED_ZONE_SIZE
+    stray = {a for a in det.extra_writes
+             if not frame_lo <= a < red_zone and a not in allowed_extra}
+    for lo, hi in _ranges(stray):
+        where = "the red zone or above" if lo >= red_zone else "outside its frame"
+        diffs.append(f"detour wrote {hi - lo} byte(s) at {lo:#x} ({where}, rsp={state.rsp:#x})")
+    addrs = orig.writes | det.writes
+    want, got = orig.emu.read_bytes(addrs), det.emu.read_bytes(addrs)
+    bad = [a for a in addrs if want[a] != got[a]]
+    for lo, hi in _ranges(bad)[:8]:
+        w = bytes(want[a] for a in range(lo, hi)).hex()
+        g = bytes(got[a] for a in range(lo, hi)).hex()
+        diffs.append(f"memory {lo:#x} (rsp{lo - state.rsp:+#x}): original {w} relocated {g}")
+    return diffs
+
+
+def _compare_reads(orig: Outcome, det: Outcome, detour) -> list[str]:
+    """The relocated region must read exactly the addresses the original read (its own
+    literal pool aside): a wrong displacement shows here even when the values agree."""
+    mine = {(a, s) for a, s in det.reads if a not in detour}
+    if mine == orig.reads:
+        return []
+    only_o = sorted(orig.reads - mine)[:4]
+    only_r = sorted(mine - orig.reads)[:4]
+    fmt = lambda xs: ", ".join(f"{a:#x}/{s}" for a, s in xs) or "-"
+    return [f"reads: original only {fmt(only_o)}; relocated only {fmt(only_r)}"]
+
+
+def compare(orig: Outcome, det: Outcome, state: State, detour,
+            handler: "x86.HandlerSpec") -> list[str]:
+    """Human-readable differences between the two runs (empty: equivalent)."""
+    diffs = []
+    if orig.stop != det.stop:
+        diffs.append(f"next: original {_fmt_stop(orig.stop)}, relocated {_fmt_stop(det.stop)}")
+    for name, value in orig.regs.items():
+        if det.regs[name] != value:
+            diffs.append(f"{name}: original {value:#x} relocated {det.regs[name]:#x}")
+    for i, (a, b) in enumerate(zip(orig.xmm, det.xmm)):
+        if a != b:
+            diffs.append(f"xmm{i}: original {a:#x} relocated {b:#x}")
+    counter: set[int] = set()
+    if handler.kind == "count":
+        slot_addr = handler.counter_slot_addr(state.cpu_id)
+        counter = set(range(slot_addr, slot_addr + 8))
+        before = int.from_bytes(bytes(orig.emu.read_bytes(sorted(counter)).values()), "little")
+        after = int.from_bytes(bytes(det.emu.read_bytes(sorted(counter)).values()), "little")
+        if after != (before + 1) & 0xFFFFFFFFFFFFFFFF:
+            diffs.append(f"counter {slot_addr:#x} (cpu {state.cpu_id}): {before} -> {after}, "
+                         "expected +1")
+    diffs += _compare_memory(orig, det, counter, state)
+    return diffs + _compare_reads(orig, det, detour)
+
+
+# ---------------------------------------------------------------------------------------
+# Sites and files
+
+@dataclass
+class Mismatch:
+    """A state in which the detour and the original region disagree."""
+    file: str
+    func: str
+    addr: int
+    region: bytes
+    insns: list[str]
+    handler: str
+    slot_addr: int
+    state: int
+    seed: int
+    diffs: list[str]
+    relocated: list[str]
+
+    def to_json(self) -> dict:
+        return {"event": "reloc-mismatch", "file": self.file, "function": self.func,
+                "addr": f"{self.addr:#x}", "bytes": self.region.hex(), "insns": self.insns,
+                "handler": self.handler, "slot": f"{self.slot_addr:#x}", "state": self.state,
+                "seed": self.seed, "diffs": self.diffs, "relocated": self.relocated}
+
+    def render(self) -> str:
+        lines = [f"MISMATCH {self.addr:#x} ({self.func}) bytes {self.region.hex()} "
+                 f"[{'; '.join(self.insns)}] handler={self.handler} slot={self.slot_addr:#x} "
+                 f"state={self.state} seed={self.seed}"]
+        lines += [f"    relocated: {t}" for t in self.relocated]
+        lines += [f"    {d}" for d in self.diffs]
+        return "\n".join(lines)
+
+
+@dataclass
+class SiteResult:
+    """``refusal``: Reason name when not optimizable; ``skipped``: why a region was not
+    emulated; ``states``: states compared; ``slot_refusals``: Reason names of slots
+    build_detour refused (near the +-2 GiB limit); ``mismatches``."""
+    site: Site
+    refusal: str | None = None
+    skipped: str | None = None
+    states: int = 0
+    slot_refusals: list[str] = field(default_factory=list)
+    mismatches: list[Mismatch] = field(default_factory=list)
+
+
+Builder = Callable[..., object]
+
+
+def _nondeterministic(region) -> str | None:
+    for insn in region.insns:
+        if insn.mnemonic in NONDETERMINISTIC:
+            return insn.mnemonic
+    return None
+
+
+def _code_pages(image: CodeImage, func: Function) -> dict[int, bytes]:
+    """The function's pages (and one after it: the exit may be past its end)."""
+    return {p: image.read_page(p) for p in sorted(_pages(func.addr, func.size + PAGE))}
+
+
+def _build(builder: Builder, region, state: State, handler, result: SiteResult):
+    """The detour at the state's slot; a slot the builder refuses (a RIP-relative operand
+    out of reach near the +-2 GiB limit) is counted and a closer slot used instead."""
+    detour = builder(region, state.slot_addr, handler)
+    if isinstance(detour, x86.Refusal) and state.slot_addr != state.alt_slot_addr:
+        result.slot_refusals.append(detour.reason.name)
+        state.slot_addr = state.alt_slot_addr
+        detour = builder(region, state.slot_addr, handler)
+    return detour
+
+
+def _handlers(state: State) -> tuple:
+    return (x86.HandlerSpec("none"),
+            x86.HandlerSpec("count", counter_addr=state.counter_addr, ncpu_slots=NCPU_SLOTS,
+                            rseq_offset=RSEQ_OFFSET))
+
+
+def check_site(image: CodeImage, site: Site, *, seed: int = 0, num_states: int = 4,
+               builder: Builder | None = None) -> SiteResult:
+    """Analyse one site and, if optimizable, compare its detour with the original
+    region in ``num_states`` random states, with a ``none`` and a ``count`` handler."""
+    builder = builder or x86.build_detour
+    func, result = site.func, SiteResult(site)
+    # 1. the analysis, on the original bytes of the whole function
+    region = x86.can_optimize(image.read(func.addr, func.size), func.addr, func.size, site.addr)
+    if isinstance(region, x86.Refusal):
+        result.refusal = region.reason.name
+        return result
+    # 2. instructions we cannot compare
+    nondet = _nondeterministic(region)
+    if nondet:
+        result.skipped = f"nondeterministic ({nondet})"
+        return result
+    pages = _code_pages(image, func)
+    for index in range(num_states):
+        # 3. one state: the original once, the detour with each handler
+        state = make_state(seed, site, region, index, set(pages))
+        orig = run_original(pages, state, region)
+        if orig.stop[0] == "error":
+            result.skipped = f"emulator: {orig.stop[1]}"
+            return result
+        for handler in _handlers(state):
+            detour = _build(builder, region, state, handler, result)
+            if isinstance(detour, x86.Refusal):
+                result.slot_refusals.append(detour.reason.name)
+                continue
+            diffs = compare(orig, run_detour(pages, state, detour), state, detour, handler)
+            if diffs:
+                result.mismatches.append(Mismatch(
+                    image.path, func.name, site.addr, region.orig, [str(i) for i in region.insns],
+                    handler.kind, state.slot_addr, index, seed, diffs,
+                    [f"{i} -> {t}" for i, t in detour.relocated]))
+        result.states += 1
+        if result.mismatches:
+            break           # one failing state per site is enough to report it
+    return result
+
+
+@dataclass
+class FileReport:
+    """Per-file totals: ``sites`` checked, ``optimizable`` (can_optimize said yes),
+    ``refusals`` by Reason name, ``skipped`` optimizable sites not emulated (by cause),
+    ``checked`` sites compared in at least one state, ``mismatches``."""
+    file: str
+    functions: int = 0
+    sites: int = 0
+    optimizable: int = 0
+    checked: int = 0
+    states: int = 0
+    refusals: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
+    slot_refusals: Counter = field(default_factory=Counter)
+    mismatches: list[Mismatch] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, r: SiteResult) -> None:
+        self.sites += 1
+        if r.refusal:
+            self.refusals[r.refusal] += 1
+            return
+        self.optimizable += 1
+        if r.skipped:
+            self.skipped[r.skipped.split(":")[0].split(" (")[0]] += 1
+        if r.states:
+            self.checked += 1
+            self.states += r.states
+        self.slot_refusals.update(r.slot_refusals)
+        self.mismatches += r.mismatches
+
+    @property
+    def share(self) -> float:
+        return 100.0 * self.optimizable / self.sites if self.sites else 0.0
+
+    def to_json(self) -> dict:
+        return {"event": "reloc-check", "file": self.file, "sites": self.sites,
+                "optimizable": self.optimizable, "mismatches": len(self.mismatches),
+                "refusals": dict(self.refusals.most_common()),
+                "functions": self.functions, "checked": self.checked, "states": self.states,
+                "skipped": dict(self.skipped.most_common()),
+                "slot_refusals": dict(self.slot_refusals.most_common()),
+                "seconds": round(self.seconds, 2)}
+
+    def render(self) -> str:
+        lines = [f"{self.file}: {self.sites} sites ({self.functions} functions), "
+                 f"optimizable {self.optimizable} ({self.share:.1f}%), checked {self.checked} "
+                 f"in {self.states} states, mismatches {len(self.mismatches)} "
+                 f"[{self.seconds:.1f}s]"]
+        for title, counts in (("refusals", self.refusals), ("skipped", self.skipped),
+                              ("slot refusals (near +-2 GiB, retried closer)", self.slot_refusals)):
+            if counts:
+                lines.append(f"  {title}:")
+                lines += [f"    {n:6d}  {k}" for k, n in counts.most_common()]
+        lines += ["  " + m.render().replace("\n", "\n  ") for m in self.mismatches]
+        return "\n".join(lines)
+
+
+def check_file(path: str, *, sites: int | None = None, seed: int = 0, num_states: int = 4,
+               all_boundaries: bool = False, builder: Builder | None = None,
+               on_mismatch: Callable[[Mismatch], None] | None = None) -> FileReport:
+    """Check every site of ``path`` (or ``sites`` of them, sampled with ``seed``)."""
+    t0 = time.monotonic()
+    image = CodeImage(path)
+    funcs = iter_functions(image)
+    all_sites = find_sites(image, funcs, all_boundaries)
+    if sites is not None and sites < len(all_sites):
+        all_sites = sorted(random.Random(seed).sample(all_sites, sites), key=lambda s: s.addr)
+    report = FileReport(path, functions=len(funcs))
+    for site in all_sites:
+        result = check_site(image, site, seed=seed, num_states=num_states, builder=builder)
+        report.add(result)
+        for m in result.mismatches:
+            if on_mismatch:
+                on_mismatch(m)
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+def default_corpus() -> list[str]:
+    """The machine's libc.so.6, python3 (and libpython if separate), sqlite3 and
+    libsqlite3; files that are missing are left out."""
+    import ctypes.util
+    import subprocess
+    cands = ["/lib/x86_64-linux-gnu/libc.so.6", "/usr/lib/x86_64-linux-gnu/libc.so.6"]
+    python = shutil.which("python3", path="/usr/bin:/bin") or shutil.which("python3")
+    exe = [os.path.realpath(p) for p in (python, shutil.which("sqlite3")) if p]
+    cands += exe
+    for lib in exe:      # shared libraries the executables take their code from
+        try:
+            out = subprocess.run(["ldd", lib], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        cands += [ln.split("=>")[1].split()[0] for ln in out.splitlines()
+                  if "=>" in ln and ("libpython" in ln or "libsqlite3" in ln)]
+    found = ctypes.util.find_library("sqlite3")
+    if found:
+        cands.append(os.path.join("/usr/lib/x86_64-linux-gnu", found))
+    out: list[str] = []
+    for p in cands:
+        if os.path.exists(p) and os.path.realpath(p) not in {os.path.realpath(q) for q in out}:
+            out.append(p)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
 
 def add_parser(sub):
-    p = sub.add_parser("check-reloc", help="prove relocations by differential emulation")
-    p.add_argument("files", nargs="+", metavar="ELF")
+    p = sub.add_parser(
+        "check-reloc", help="prove relocations by differential emulation (unicorn)",
+        description="For every function entry of each ELF, run the safety analysis and "
+                    "compare each optimizable region with its detour in an emulator. "
+                    "Exit status 1 when any mismatch is found.")
+    p.add_argument("files", nargs="*", metavar="ELF",
+                   help="ELF files (default: libc.so.6, python3, sqlite3, libsqlite3)")
+    p.add_argument("--sites", type=int, metavar="N", help="check N sites per file (sampled)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    p.add_argument("--states", type=int, default=4, metavar="K",
+                   help="random states per site (default 4)")
+    p.add_argument("--all-boundaries", action="store_true",
+                   help="also every instruction boundary in the first 32 bytes")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of text")
     return p
 
 
 def cmd_check_reloc(args) -> int:
-    raise SystemExit("check-reloc: not implemented yet")
+    files = args.files or default_corpus()
+    emit = (lambda obj: print(json.dumps(obj), flush=True)) if args.json else None
+    bad = 0
+    for path in files:
+        try:
+            report = check_file(path, sites=args.sites, seed=args.seed,
+                                num_states=args.states, all_boundaries=args.all_boundaries,
+                                on_mismatch=(lambda m: emit(m.to_json())) if emit else None)
+        except SymbolError as e:
+            print(f"uprobe-opt: check-reloc: {e}", file=sys.stderr)
+            return 2
+        bad += len(report.mismatches)
+        if emit:
+            emit(report.to_json())
+        else:
+            print(report.render(), flush=True)
+    return 1 if bad else 0
