@@ -68,7 +68,7 @@ class DetourArea:
         self.nslots = CODE_SIZE // slot_size - 1     # the last slot holds the shm path
         self.next_data = 0
         self.shm = None
-        self.shm_path = None
+        self.mapped = False
 
     def contains(self, addr: int) -> bool:
         return self.code_addr <= addr < self.code_addr + AREA_SIZE
@@ -104,6 +104,7 @@ class DetourArea:
         except Exception:
             t.munmap(self.code_addr, CODE_SIZE)
             raise
+        self.mapped = True
 
     def _map_shared_data(self) -> None:
         t = self.target
@@ -132,6 +133,7 @@ class DetourArea:
 
     def unmap(self) -> None:
         self.target.munmap(self.code_addr, AREA_SIZE)
+        self.mapped = False
 
 
 def find_gap(maps, near: int, size: int) -> int:

@@ -532,6 +532,19 @@ class ProbeManager:
             return []
         self.restore_all()
         notes = self.release_areas()
+        for _ in range(20):
+            if not notes:
+                break
+            # A thread is still running our out-of-line code (microseconds from its
+            # jump back): let everyone run a moment, then look again.
+            self.release_held()
+            self.target.resume_all()
+            for ev in self.target.poll(0.002):
+                self.handle_event(ev)
+            self.target.stop_all()
+            for ev in self.target.poll(0):
+                self.handle_event(ev, resume=False)
+            notes = self.release_areas()
         self.release_held()
         return notes
 
@@ -557,6 +570,8 @@ class ProbeManager:
             words.append(regs.rip)
             words += self._stack_words(regs.rsp, maps)
         for area in self.pool.areas:
+            if not area.mapped:
+                continue
             if any(area.contains(w) for w in words):
                 notes.append(f"detour area at {area.code_addr:#x} left mapped: a thread "
                              "may still be inside it")
