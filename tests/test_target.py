@@ -12,7 +12,7 @@ import pytest
 
 from uprobe_opt.errors import (AccessDenied, PatchError, ProcessGone, TargetError,
                                UsageError)
-from uprobe_opt.target import (MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE, PROT_EXEC,
+from uprobe_opt.target import (MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE, PROT_EXEC, ExecEvent,
                                PROT_READ, ExitEvent, Target, TrapEvent, read_maps)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -103,6 +103,14 @@ def state(pid, tid=None) -> str:
     path = f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat"
     with open(path) as f:
         return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def wait_states(pid, states: set[str], timeout=5.0) -> None:
+    """Wait until the set of thread states of pid is exactly ``states``."""
+    deadline = time.monotonic() + timeout
+    while (now := {state(pid, x) for x in task_tids(pid)}) != states:
+        assert time.monotonic() < deadline, now
+        time.sleep(0.005)
 
 
 def cpu_ns(pid) -> int:
@@ -532,3 +540,187 @@ def test_exit_event_of_attached_process(run):
     assert t.tids == frozenset() and t.stopped is False
     assert t.poll(0) == []
     t.detach()
+
+
+# ------------------------------------------------------------------------- vfork / exec
+def test_vfork_child_execs(run):
+    prog = run("vfork", 0)
+    t = attach(run, prog.pid)
+    t.resume_all()
+    prog.send("go\n")
+    events = pump(t, exited_with(0))
+    assert [type(e) for e in events] == [ExitEvent]
+    assert os.WEXITSTATUS(t.exit_status) == 0
+    assert prog.read() == "vfork child code=4\n"
+
+
+def test_vfork_child_int3_is_a_trap_event_of_the_child(run):
+    prog = run("vfork", 1)
+    t = attach(run, prog.pid)
+    t.resume_all()
+    prog.send("go\n")
+    events = pump(t, lambda evs: evs)
+    assert len(events) == 1 and isinstance(events[0], TrapEvent)
+    child = events[0].tid
+    assert child != prog.pid and child in t.tids
+    with open(f"/proc/{child}/status") as f:
+        assert f"PPid:\t{prog.pid}\n" in f.read()
+    t.stop_all()                                # the vfork parent need not stop
+    assert t.get_regs(child).rip
+    t.resume_all()                              # the held trap stays held ...
+    assert t.poll(0.1) == []
+    t.resume(child)                             # ... until resumed: int3 is 1 byte
+    events = pump(t, exited_with(0))
+    assert [type(e) for e in events] == [ExitEvent]
+    assert child not in t.tids
+    assert prog.read() == "vfork child code=4\n"
+
+
+@pytest.mark.parametrize("from_thread", [0, 1])
+def test_exec_then_exit(run, from_thread):
+    prog = run("exec", from_thread)
+    t = attach(run, prog.pid)
+    t.resume_all()
+    prog.send("go\n")
+    events = pump(t, exited_with(6))
+    assert [type(e) for e in events] == [ExecEvent, ExitEvent]
+    assert events[0].tid == prog.pid
+    assert os.WEXITSTATUS(t.exit_status) == 6
+
+
+def test_exec_event_keeps_target_usable(run):
+    prog = run("exec", 1)
+    t = attach(run, prog.pid)
+    t.resume_all()
+    prog.send("go\n")
+    deadline = time.monotonic() + 10
+    while True:
+        evs = t.poll(0.02)
+        if evs:
+            break
+        assert time.monotonic() < deadline
+    assert evs[0] == ExecEvent(prog.pid)
+    if not t.exited:
+        try:
+            t.stop_all()
+            maps = t.maps()
+            if not t.exited:
+                assert any(m.path.endswith("/sh") or "dash" in m.path or "bash" in m.path
+                           for m in maps)
+                t.resume_all()
+        except ProcessGone:
+            pass
+    pump(t, lambda e: t.exited)
+    assert os.WEXITSTATUS(t.exit_status) == 6
+
+
+# ------------------------------------------------------------------------- odd shapes
+def test_zombie_leader(run):
+    prog = run("zombie_leader")
+    deadline = time.monotonic() + 5
+    while state(prog.pid) != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    t = attach(run, prog.pid)
+    workers = task_tids(prog.pid) - {prog.pid}
+    assert len(workers) == 3
+    assert t.tids == workers and t.stopped is True
+    assert t.syscall(39) == prog.pid
+    t.resume_all()
+    t.poll(0.05)
+    t.stop_all()
+    t.detach()
+    assert state(prog.pid) == "Z"
+    assert not {state(prog.pid, x) for x in workers} & {"t", "T"}
+
+
+def test_target_on_a_worker_thread(run):
+    import threading
+    prog = run("threads", 2)
+    result = {}
+
+    def work():
+        t = Target.attach(prog.pid)
+        result["target"] = t
+        t.resume_all()
+        os.kill(prog.pid, signal.SIGWINCH)   # ignored signal
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 0.2:
+            t.poll(0.05)
+        t.stop_all()
+        result["tids"] = t.tids
+        t.detach()
+    th = threading.Thread(target=work)
+    th.start()
+    th.join(30)
+    assert result["tids"] == task_tids(prog.pid)
+    with pytest.raises(UsageError, match="thread"):
+        result["target"].stop_all()
+    assert state(prog.pid) in "RS"
+
+
+def test_detach_with_undelivered_trap(run):
+    prog = run("int3")
+    t = attach(run, prog.pid)
+    t.resume_all()
+    prog.send("go\n")
+    assert pump(t, lambda evs: evs) == [TrapEvent(prog.pid)]
+    t.detach()                          # int3 still there: the program gets its SIGTRAP
+    assert prog.p.wait(timeout=10) == 0
+    assert prog.read() == "handled=1\n"
+
+
+def test_detach_with_trap_whose_int3_was_removed(run):
+    prog = run("int3")
+    t = attach(run, prog.pid)
+    t.resume_all()
+    prog.send("go\n")
+    assert pump(t, lambda evs: evs) == [TrapEvent(prog.pid)]
+    rip = t.get_regs(prog.pid).rip
+    t.write(rip - 1, b"\x90")           # "probe removed": rip is rewound onto the nop
+    t.detach()
+    assert prog.p.wait(timeout=10) == 0
+    assert prog.read() == "handled=0\n"
+
+
+def test_job_control_stop_survives_syscall_and_detach(run):
+    prog = run("threads", 2)
+    t = attach(run, prog.pid)
+    t.resume_all()
+    os.kill(prog.pid, signal.SIGSTOP)
+    pump(t, lambda evs: {state(prog.pid, x) for x in task_tids(prog.pid)} == {"t"})
+    t.stop_all()
+    for tid in t.tids:
+        assert t.syscall(39, tid=tid) == prog.pid
+    t.resume_all()
+    t.poll(0.1)
+    before = cpu_ns(prog.pid)
+    t.poll(0.2)
+    assert cpu_ns(prog.pid) == before
+    t.detach()                          # still job-control stopped, now as plain "T"
+    wait_states(prog.pid, {"T"})        # detached threads are kicked, then re-stop
+    os.kill(prog.pid, signal.SIGCONT)
+    time.sleep(0.1)
+    assert cpu_ns(prog.pid) > before
+
+
+def test_signals_around_attach_and_detach_are_not_lost(run):
+    prog = run("sigcount")
+
+    def wait_count(n):
+        deadline = time.monotonic() + 5
+        while prog.read().count("u") < n:
+            assert time.monotonic() < deadline, prog.read()
+            time.sleep(0.005)
+        assert prog.read().count("u") == n
+    for i in range(1, 6):
+        os.kill(prog.pid, signal.SIGUSR1)       # pending while we attach
+        Target.attach(prog.pid).detach()
+        wait_count(2 * i - 1)
+        t = Target.attach(prog.pid)
+        os.kill(prog.pid, signal.SIGUSR1)       # arrives while all stopped
+        t.detach()
+        wait_count(2 * i)
+    os.kill(prog.pid, signal.SIGUSR2)
+    assert prog.p.wait(timeout=10) == 0
+    assert prog.read().endswith("\ncount=10\n")

@@ -148,6 +148,44 @@ static int mode_exit(int code) {
     return code;
 }
 
+static int mode_vfork(int trap) {   /* vfork child (optionally int3 first) execs sh */
+    say("ready\n");
+    wait_go();
+    pid_t c = vfork();
+    if (c == 0) {
+        if (trap) __asm__ volatile("int3");
+        execl("/bin/sh", "sh", "-c", "exit 4", (char *)NULL);
+        _exit(127);
+    }
+    int st;
+    waitpid(c, &st, 0);
+    say("vfork child code=%d\n", WEXITSTATUS(st));
+    return 0;
+}
+
+static void *execer(void *arg) {
+    (void)arg;
+    execl("/bin/sh", "sh", "-c", "exit 6", (char *)NULL);
+    return NULL;
+}
+
+static int mode_exec(int from_thread) {
+    start_workers(3);
+    say("ready\n");
+    wait_go();
+    if (!from_thread) execer(NULL);
+    pthread_t t;
+    pthread_create(&t, NULL, execer, NULL);
+    pthread_join(t, NULL);
+    return 1;
+}
+
+static int mode_zombie_leader(void) {   /* main thread exits, workers go on */
+    start_workers(3);
+    say("ready\n");
+    pthread_exit(NULL);
+}
+
 int main(int argc, char **argv) {
     const char *m = argc > 1 ? argv[1] : "";
     int arg = argc > 2 ? atoi(argv[2]) : 0;
@@ -158,6 +196,9 @@ int main(int argc, char **argv) {
     if (!strcmp(m, "fork")) return mode_fork();
     if (!strcmp(m, "int3")) return mode_int3();
     if (!strcmp(m, "exit")) return mode_exit(arg);
+    if (!strcmp(m, "vfork")) return mode_vfork(arg);
+    if (!strcmp(m, "exec")) return mode_exec(arg);
+    if (!strcmp(m, "zombie_leader")) return mode_zombie_leader();
     fprintf(stderr, "unknown mode %s\n", m);
     return 99;
 }

@@ -42,13 +42,15 @@ def parse_maps_line(line: str) -> Mapping:
     return Mapping(start, end, fields[1], int(fields[2], 16), int(fields[4]), path)
 
 
-def read_maps(pid: int) -> list[Mapping]:
-    """All mappings of process ``pid``, in address order.
+def read_maps(pid: int, tid: int | None = None) -> list[Mapping]:
+    """All mappings of process ``pid``, in address order; through thread ``tid``'s
+    view if given (a zombie leader's /proc/PID/maps is empty).
 
     Raises ProcessGone if the process does not exist, AccessDenied if /proc refuses.
     """
+    path = f"/proc/{pid}/maps" if tid is None else f"/proc/{pid}/task/{tid}/maps"
     try:
-        with open(f"/proc/{pid}/maps") as f:
+        with open(path) as f:
             lines = f.readlines()
     except (FileNotFoundError, ProcessLookupError):
         raise ProcessGone(f"process {pid} does not exist", pid=pid) from None

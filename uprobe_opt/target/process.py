@@ -178,7 +178,7 @@ def _check_attachable(pid: int) -> None:
     if int(st["Tgid"]) != pid:
         raise UsageError(f"{pid} is a thread of process {st['Tgid']}; give the process id",
                          pid=pid)
-    if st["State"][0] in "ZX":
+    if st["State"][0] in "ZX" and len(_list_tasks(pid)) <= 1:
         raise ProcessGone(f"process {pid} is a zombie (already exited)", pid=pid)
     tracer = int(st["TracerPid"])
     if tracer:
@@ -207,10 +207,12 @@ class _Memory:
         self.pid = pid
         self.fd: int | None = None
 
-    def open(self) -> None:
+    def open(self, tid: int | None = None) -> None:
+        """Open /proc/PID/mem, or /proc/PID/task/TID/mem (a zombie leader has no mm)."""
         self.close()
+        path = f"/proc/{self.pid}/mem" if tid is None else f"/proc/{self.pid}/task/{tid}/mem"
         try:
-            self.fd = os.open(f"/proc/{self.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except (FileNotFoundError, ProcessLookupError):
             raise ProcessGone(f"process {self.pid} is gone", pid=self.pid) from None
         except PermissionError:
@@ -353,6 +355,7 @@ class Target:
         self._mem = _Memory(pid)
         self._gadget: int | None = None
         self._closed = False
+        self._leader_gone = False          # zombie leader at attach: not traced
         self._wakeup = _Wakeup.acquire()
 
     def __repr__(self) -> str:
@@ -385,8 +388,8 @@ class Target:
         _check_attachable(pid)
         self = cls(pid)
         try:
-            self._mem.open()
             self._seize_all()
+            self._mem.open(next(iter(self._threads)) if self._leader_gone else None)
             self.stop_all()
         except BaseException:
             self.detach()
@@ -399,7 +402,8 @@ class Target:
         the others show up in the next scan."""
         strikes: dict[int, int] = {}
         for _ in range(100000):
-            fresh = [t for t in _list_tasks(self.pid) if t not in self._threads]
+            fresh = [t for t in _list_tasks(self.pid)
+                     if t not in self._threads and not (t == self.pid and self._leader_gone)]
             if not fresh:
                 return
             for tid in fresh:
@@ -428,6 +432,9 @@ class Target:
         (False: skip it) or a real denial (AccessDenied after repeated tries)."""
         st = _read_status(f"/proc/{self.pid}/task/{tid}/status")
         if st is None or st["State"][0] in "ZX":
+            # a leader that called pthread_exit() stays a zombie until its threads are
+            # gone and cannot be seized; the process ends when our last thread does
+            self._leader_gone = self._leader_gone or tid == self.pid
             return False
         if int(st["TracerPid"]) == os.getpid():
             return True
@@ -733,7 +740,8 @@ class Target:
         for other in self._threads.values():
             if other.vfork_child == t.tid:
                 other.vfork_child = None
-        if t.tid == self.pid:
+        if t.tid == self.pid or (self._leader_gone and t.proc == self.pid and not any(
+                x.proc == self.pid for x in self._threads.values())):
             self._process_gone(status)
 
     def _process_gone(self, status: int | None) -> None:
@@ -837,7 +845,13 @@ class Target:
     def maps(self) -> list[Mapping]:
         """The target's mappings (/proc/PID/maps)."""
         self._check_alive()
-        return read_maps(self.pid)
+        return self._read_maps()
+
+    def _read_maps(self) -> list[Mapping]:
+        if not self._leader_gone:
+            return read_maps(self.pid)
+        tid = next((t.tid for t in self._threads.values() if t.proc == self.pid), None)
+        return read_maps(self.pid, tid)
 
     @_boundary
     def get_regs(self, tid: int) -> pt.user_regs_struct:
@@ -896,7 +910,27 @@ class Target:
         finally:
             if t.tid in self._threads:
                 pt.setregs(t.tid, saved)
+                if t.group_stop:
+                    self._back_to_group_stop(t)
         return _signed(result)
+
+    def _back_to_group_stop(self, t: _Thread) -> None:
+        """After a step the thread sits in a SIGTRAP signal-delivery-stop, where LISTEN
+        fails (EIO, ``man 2 ptrace``: LISTEN "works only on tracees ... in
+        PTRACE_EVENT_STOP"). INTERRUPT then CONT(0): get_signal() drops the SIGTRAP,
+        loops and traps again, reporting the group-stop as a PTRACE_EVENT_STOP."""
+        pt.interrupt(t.tid)
+        pt.cont(t.tid, 0)
+        t.stopped = False
+        _, status = os.waitpid(t.tid, pt.WALL)
+        if not os.WIFSTOPPED(status):
+            self._dispatch(t.tid, status)
+            return
+        t.stopped = True
+        sig, event = os.WSTOPSIG(status), status >> 16
+        t.group_stop = event == pt.PTRACE_EVENT_STOP and sig in _STOP_SIGNALS
+        if event == 0 and sig != signal.SIGTRAP:
+            t.sigs.append(sig)
 
     def _syscall_thread(self, tid: int | None) -> _Thread:
         if tid is not None:
@@ -915,7 +949,7 @@ class Target:
         """Address of a ``syscall`` (0f 05) instruction: the first in [vdso], else in
         any executable mapping. Nothing is written into the target. Cached until exec."""
         if self._gadget is None:
-            maps = read_maps(self.pid)
+            maps = self._read_maps()
             maps.sort(key=lambda m: m.path != "[vdso]")
             for m in maps:
                 if m.is_exec and m.path != "[vsyscall]":
