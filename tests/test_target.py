@@ -125,8 +125,8 @@ def cpu_ns(pid) -> int:
     return total
 
 
-def exited_with(code):
-    return lambda evs: any(isinstance(e, ExitEvent) for e in evs)
+def got_exit(events) -> bool:
+    return any(isinstance(e, ExitEvent) for e in events)
 
 
 # ------------------------------------------------------------------------- attach
@@ -202,6 +202,9 @@ def test_stop_all_then_get_regs_each_thread(run):
         assert {state(prog.pid, tid) for tid in t.tids} == {"t"}
         rips = {tid: t.get_regs(tid).rip for tid in t.tids}
         assert len(rips) == 17 and all(rips.values())
+    xstate = t.get_xstate(prog.pid)
+    assert len(xstate) >= 576                  # legacy 512-byte area + XSAVE header
+    assert xstate[24:28] == (0x1f80).to_bytes(4, "little")   # MXCSR: default value
     print(f"\n16+1 threads: stop_all median {statistics.median(stops) * 1e3:.3f} ms, "
           f"resume_all median {statistics.median(resumes) * 1e3:.3f} ms")
     assert t.poll(0) == []
@@ -241,11 +244,15 @@ def test_stop_and_cont_of_traced_target(run):
 
 def test_detach_leaves_process_running(run):
     prog = run("threads", 4)
+    handler = signal.getsignal(signal.SIGCHLD)
     t = attach(run, prog.pid)
+    assert signal.getsignal(signal.SIGCHLD) is not handler
     t.resume_all()
     t.poll(0.05)
     t.detach()                                  # threads running: interrupted first
     t.detach()                                  # idempotent
+    assert signal.getsignal(signal.SIGCHLD) is handler
+    assert signal.set_wakeup_fd(-1) == -1       # our wakeup fd was removed
     time.sleep(0.05)
     assert not {state(prog.pid, x) for x in task_tids(prog.pid)} & {"t", "T"}
     before = cpu_ns(prog.pid)
@@ -360,7 +367,7 @@ def test_remote_syscall_in_threads_blocked_in_read_and_nanosleep(run):
     t.resume_all()
     t.poll(0.1)
     prog.send("hello\n")
-    pump(t, exited_with(0))
+    pump(t, got_exit)
     assert t.exited and os.WEXITSTATUS(t.exit_status) == 0
     out = prog.read()
     assert "READ rc=6 errno=0 data=hello\n" in out
@@ -392,7 +399,7 @@ def test_spawn_stops_at_entry_with_libraries_mapped(tt):
             assert f"TracerPid:\t{os.getpid()}\n" in f.read()
         t.resume_all()
         os.write(w, b"go\n")
-        events = pump(t, exited_with(3))
+        events = pump(t, got_exit)
         assert events[-1] == ExitEvent(t.exit_status)
         assert t.exited is True and os.WIFEXITED(t.exit_status)
         assert os.WEXITSTATUS(t.exit_status) == 3
@@ -448,7 +455,7 @@ def test_signals_delivered_exactly_once(run):
             t.resume_all()
         pump(t, lambda evs: prog.read().count("u") == i)
     os.kill(prog.pid, signal.SIGUSR2)
-    events = pump(t, exited_with(0))
+    events = pump(t, got_exit)
     assert [type(e) for e in events] == [ExitEvent]
     assert os.WEXITSTATUS(t.exit_status) == 0
     assert prog.read() == "u" * 10 + "\ncount=10\n"
@@ -465,7 +472,7 @@ def test_own_int3_and_sigtrap_handler(run):
     assert events == [TrapEvent(prog.pid)]
     assert t.read(t.get_regs(prog.pid).rip - 1, 1) == b"\xcc"
     t.resume(prog.pid, signal.SIGTRAP)           # not ours: deliver it unchanged
-    events = pump(t, exited_with(0))
+    events = pump(t, got_exit)
     assert [type(e) for e in events] == [ExitEvent]
     assert os.WEXITSTATUS(t.exit_status) == 0
     assert prog.read() == "handled=2\n"
@@ -505,7 +512,7 @@ def test_fork_child_survives(run):
     t = attach(run, prog.pid)
     t.resume_all()
     prog.send("go\n")
-    events = pump(t, exited_with(0))
+    events = pump(t, got_exit)
     assert [type(e) for e in events] == [ExitEvent]
     assert os.WEXITSTATUS(t.exit_status) == 0
     assert prog.read() == "child ok\nchild exited=1 code=0\n"
@@ -523,7 +530,7 @@ def test_fork_hook_sees_child_memory(run):
     t.fork_hook = hook
     t.resume_all()
     prog.send("go\n")
-    pump(t, exited_with(0))
+    pump(t, got_exit)
     assert len(seen) == 1 and seen[0][0] != prog.pid
     assert prog.read() == "child ok\nchild exited=1 code=0\n"
     assert len(seen[0][1]) == len(expect) == 8
@@ -534,7 +541,7 @@ def test_exit_event_of_attached_process(run):
     t = attach(run, prog.pid)
     t.resume_all()
     prog.send("go\n")
-    events = pump(t, exited_with(5))
+    events = pump(t, got_exit)
     assert events == [ExitEvent(t.exit_status)]
     assert t.exited is True and os.WEXITSTATUS(t.exit_status) == 5
     assert t.tids == frozenset() and t.stopped is False
@@ -548,7 +555,7 @@ def test_vfork_child_execs(run):
     t = attach(run, prog.pid)
     t.resume_all()
     prog.send("go\n")
-    events = pump(t, exited_with(0))
+    events = pump(t, got_exit)
     assert [type(e) for e in events] == [ExitEvent]
     assert os.WEXITSTATUS(t.exit_status) == 0
     assert prog.read() == "vfork child code=4\n"
@@ -570,7 +577,7 @@ def test_vfork_child_int3_is_a_trap_event_of_the_child(run):
     t.resume_all()                              # the held trap stays held ...
     assert t.poll(0.1) == []
     t.resume(child)                             # ... until resumed: int3 is 1 byte
-    events = pump(t, exited_with(0))
+    events = pump(t, got_exit)
     assert [type(e) for e in events] == [ExitEvent]
     assert child not in t.tids
     assert prog.read() == "vfork child code=4\n"
@@ -582,7 +589,7 @@ def test_exec_then_exit(run, from_thread):
     t = attach(run, prog.pid)
     t.resume_all()
     prog.send("go\n")
-    events = pump(t, exited_with(6))
+    events = pump(t, got_exit)
     assert [type(e) for e in events] == [ExecEvent, ExitEvent]
     assert events[0].tid == prog.pid
     assert os.WEXITSTATUS(t.exit_status) == 6
@@ -724,3 +731,25 @@ def test_signals_around_attach_and_detach_are_not_lost(run):
     os.kill(prog.pid, signal.SIGUSR2)
     assert prog.p.wait(timeout=10) == 0
     assert prog.read().endswith("\ncount=10\n")
+
+
+def test_leader_exits_while_traced(run):
+    prog = run("zombie_leader", 1)
+    t = attach(run, prog.pid)
+    t.resume_all()
+    prog.send("go\n")
+    deadline = time.monotonic() + 5
+    while state(prog.pid) != "Z":
+        assert time.monotonic() < deadline
+        t.poll(0.01)
+    t.stop_all()                                # does not wait for the zombie leader
+    workers = task_tids(prog.pid) - {prog.pid}
+    assert t.tids == workers and len(workers) == 3 and t.stopped is True
+    assert t.syscall(39) == prog.pid
+    assert any(m.path == "[stack]" for m in t.maps())
+    t.resume_all()
+    t.poll(0.05)
+    os.kill(prog.pid, signal.SIGTERM)
+    events = pump(t, got_exit)
+    assert [type(e) for e in events] == [ExitEvent]
+    assert os.WIFSIGNALED(t.exit_status) and os.WTERMSIG(t.exit_status) == signal.SIGTERM

@@ -180,10 +180,19 @@ static int mode_exec(int from_thread) {
     return 1;
 }
 
-static int mode_zombie_leader(void) {   /* main thread exits, workers go on */
+static int mode_zombie_leader(int wait) {   /* main thread exits, workers go on */
     start_workers(3);
     say("ready\n");
+    if (wait) wait_go();
     pthread_exit(NULL);
+}
+
+static int mode_int3loop(int n) {   /* n bare int3s: the tracer must swallow them */
+    say("ready\n");
+    wait_go();
+    for (int i = 0; i < n; i++) __asm__ volatile("int3");
+    say("done %d\n", n);
+    return 0;
 }
 
 int main(int argc, char **argv) {
@@ -196,9 +205,10 @@ int main(int argc, char **argv) {
     if (!strcmp(m, "fork")) return mode_fork();
     if (!strcmp(m, "int3")) return mode_int3();
     if (!strcmp(m, "exit")) return mode_exit(arg);
+    if (!strcmp(m, "int3loop")) return mode_int3loop(arg);
     if (!strcmp(m, "vfork")) return mode_vfork(arg);
     if (!strcmp(m, "exec")) return mode_exec(arg);
-    if (!strcmp(m, "zombie_leader")) return mode_zombie_leader();
+    if (!strcmp(m, "zombie_leader")) return mode_zombie_leader(arg);
     fprintf(stderr, "unknown mode %s\n", m);
     return 99;
 }

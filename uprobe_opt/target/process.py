@@ -638,25 +638,51 @@ class Target:
         events, self._events = self._events, []
         return events
 
-    def _wait(self, until: Callable[[], bool], timeout: float | None) -> bool:
-        """Reap and dispatch our statuses until ``until()`` or ``timeout`` s passed;
-        True if interrupted by a non-SIGCHLD signal. The pipe is drained *before* the
+    def _wait(self, until: Callable[[], bool], timeout: float | None) -> None:
+        """Reap and dispatch our statuses until ``until()``, ``timeout`` s passed, or
+        the tracer got a signal other than SIGCHLD. The pipe is drained *before* the
         reap, so a SIGCHLD arriving after the reap always wakes the select()."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             foreign = _Wakeup.drain() if self._wakeup else False
             self._reap_ready()
             if until() or foreign:
-                return foreign
+                return
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                return False
+                self._scan_each()            # also notices tids reaped by others
+                return
             if self._wakeup:
                 select.select([_Wakeup.rfd], [], [], remaining)
             else:   # not the main thread: no wakeup fd possible, poll every ms
                 time.sleep(0.001 if remaining is None else min(remaining, 0.001))
 
     def _reap_ready(self) -> int:
+        """Reap and dispatch every status of ours that is ready; returns how many.
+
+        Fast path: waitid(P_ALL, WNOWAIT) names a waitable task without reaping it; if
+        it is ours, reap it with waitpid(tid). If it is anyone else's (another child of
+        the tracer), fall back to waitpid(tid, WNOHANG|__WALL) on each of our tids, so
+        foreign exit statuses are never stolen."""
+        count = 0
+        for _ in range(1000):
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WSTOPPED | os.WNOHANG
+                                 | os.WNOWAIT | pt.WALL)
+            except ChildProcessError:
+                return count
+            if info is None:
+                return count
+            if info.si_pid not in self._threads:
+                break
+            wpid, status = os.waitpid(info.si_pid, os.WNOHANG | pt.WALL)
+            if not wpid:
+                break
+            self._dispatch(wpid, status)
+            count += 1
+        return count + self._scan_each()
+
+    def _scan_each(self) -> int:
         """waitpid(tid, WNOHANG|__WALL) for each of our tids, non-leaders first (a
         leader's exit is reported only after its threads are reaped)."""
         count = 0
@@ -848,9 +874,12 @@ class Target:
         return self._read_maps()
 
     def _read_maps(self) -> list[Mapping]:
-        if not self._leader_gone:
+        """/proc/PID/maps, read through a live thread if the leader is a zombie."""
+        leader = self._threads.get(self.pid)
+        if leader is not None and not leader.zombie:
             return read_maps(self.pid)
-        tid = next((t.tid for t in self._threads.values() if t.proc == self.pid), None)
+        tid = next((t.tid for t in self._threads.values()
+                    if t.proc == self.pid and not t.zombie), None)
         return read_maps(self.pid, tid)
 
     @_boundary
