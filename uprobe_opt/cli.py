@@ -183,13 +183,12 @@ def cmd_trace(ap, args) -> int:
 
 def _trace_session(tracer, args, out: Output, pre) -> int:
     try:
-        for spec in args.probes:
-            if args.handler == "count":
-                tracer.add_probe(spec, handler="count")
-            elif args.handler == "print":
-                tracer.add_probe(spec, out.hit, handler="print")
-            else:
-                tracer.add_probe(spec, pre, handler="python")
+        if args.handler == "count":
+            tracer.add_probes(args.probes, handler="count")
+        elif args.handler == "print":
+            tracer.add_probes(args.probes, out.hit, handler="print")
+        else:
+            tracer.add_probes(args.probes, pre, handler="python")
     except BaseException:
         # Bad input: restore what was armed and let the target go as it was.
         if args.pid is None:

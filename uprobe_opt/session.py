@@ -108,6 +108,16 @@ class Tracer:
         return self.manager.register(resolved, handler, pre_handler, spec=spec,
                                      optimize=optimize)
 
+    def add_probes(self, specs: Iterable[str], pre_handler: Callable | None = None, *,
+                   handler: str | None = None, optimize: bool = True) -> list[Probe]:
+        """Like :meth:`add_probe` for many specs at once: one stop of all threads for
+        the whole batch, and nothing armed if any spec is bad."""
+        if handler is None:
+            handler = "python" if pre_handler is not None else "count"
+        items = [(self.resolver.resolve(spec), handler, pre_handler, spec, optimize)
+                 for spec in specs]
+        return self.manager.register_many(items)
+
     def enable(self, probe: Probe) -> None:
         self.manager.enable(probe)
 

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Protocol
 
 class ArchOps(Protocol):
     breakpoint: bytes          # the trap instruction written at an armed site
+    shadow_stack: bool         # the target uses CET shadow stacks
     jump_size: int             # bytes a jump-optimized site covers at least
     slot_size: int             # bytes of one XOL or detour slot
 
@@ -32,9 +33,11 @@ class ArchOps(Protocol):
         """XOL plan (``.code`` to write at slot_addr) for the instruction at addr, or Refusal."""
 
     def check(self, func_code: bytes, func_addr: int, func_size: int | None, addr: int,
-              other_probes: Iterable[int]) -> Any:
+              other_probes: Iterable[int], extra_targets: Iterable[int] = ()) -> Any:
         """Region (``.addr``, ``.size``, ``.orig``) that jump optimization would cover,
-        or Refusal (kernel ``can_optimize`` + ``arch_check_optimized_kprobe``)."""
+        or Refusal (kernel ``can_optimize`` + ``arch_check_optimized_kprobe``).
+        ``extra_targets``: addresses entered from outside the function's own branches
+        (C++ landing pads), refused inside the region like jump targets."""
 
     def prepare(self, region: Any, slot_addr: int, handler: Any) -> Any:
         """Detour (``.code`` for slot_addr, ``.trap_addr``) for region, or Refusal

@@ -55,6 +55,7 @@ class ProbeManager:
         self.exec_seen = False
         self._rewind = False
         target.fork_hook = self.on_fork
+        arch.shadow_stack = _uses_shadow_stack(target.pid)
 
     # -- helpers ----------------------------------------------------------------------
     def recovered(self, addr: int, size: int) -> bytes:
@@ -77,20 +78,30 @@ class ProbeManager:
                  spec: str | None = None, optimize: bool = True) -> Probe:
         """Register and arm a probe at a resolved symbols.Site.  Raises SymbolError when
         the address is not an instruction boundary, UsageError for a bad handler."""
-        if handler not in HANDLER_KINDS:
-            raise UsageError(f"unknown handler {handler!r} (choose from {HANDLER_KINDS})")
-        if handler in ("python",) and pre_handler is None:
-            raise UsageError("handler 'python' needs a pre_handler callable")
+        return self.register_many([(resolved, handler, pre_handler, spec, optimize)])[0]
+
+    def register_many(self, items) -> list[Probe]:
+        """Register several probes with one stop of all threads.  ``items``: tuples
+        (resolved, handler, pre_handler, spec, optimize).  All or nothing: every site
+        is checked before any byte is written."""
+        for _, handler, pre_handler, _, _ in items:
+            if handler not in HANDLER_KINDS:
+                raise UsageError(f"unknown handler {handler!r} (choose from {HANDLER_KINDS})")
+            if handler == "python" and pre_handler is None:
+                raise UsageError("handler 'python' needs a pre_handler callable")
+        probes = []
         with self._stopped():
-            addr = self._check_site(resolved)
-            site = self.sites.get(addr) or self._new_site(addr, resolved)
-            probe = Probe(spec or resolved.spec, resolved.addr, site, handler, pre_handler,
-                          resolved.symbol, optimize)
-            site.probes.append(probe)
-            self.probes.append(probe)
-            self._probe_enabled(probe)
-            self._site_changed(site)
-        return probe
+            addrs = [self._check_site(item[0]) for item in items]
+            for addr, (resolved, handler, pre_handler, spec, optimize) in zip(addrs, items):
+                site = self.sites.get(addr) or self._new_site(addr, resolved)
+                probe = Probe(spec or resolved.spec, resolved.addr, site, handler,
+                              pre_handler, resolved.symbol, optimize)
+                site.probes.append(probe)
+                self.probes.append(probe)
+                self._probe_enabled(probe)
+                self._site_changed(site)
+                probes.append(probe)
+        return probes
 
     def _check_site(self, resolved) -> int:
         """can_probe: decode from the function start, land exactly on addr; skip endbr64.
@@ -581,6 +592,16 @@ class ProbeManager:
             except TargetError as e:
                 notes.append(f"could not unmap detour area at {area.code_addr:#x}: {e}")
         return notes
+
+
+def _uses_shadow_stack(pid: int) -> bool:
+    """CET user shadow stack enabled (Linux >= 6.6 shows x86_Thread_features: shstk)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.startswith("x86_Thread_features:") and "shstk" in line
+                       for line in f)
+    except OSError:
+        return False
 
 
 class _AllStopped:

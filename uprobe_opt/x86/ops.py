@@ -10,6 +10,11 @@ from uprobe_opt import x86
 
 
 class X86Ops:
+    """``shadow_stack``: the target runs with CET shadow stacks (x86_Thread_features:
+    shstk in /proc/PID/status); a call relocated as push+jmp would then fault with #CP,
+    so calls are refused in relocated code."""
+
+    shadow_stack = False
     breakpoint = x86.BREAKPOINT
     jump_size = x86.JMP_REL32_SIZE
     slot_size = x86.SLOT_SIZE
@@ -21,12 +26,14 @@ class X86Ops:
         return x86.skip_endbr(code, code_addr, addr)
 
     def prepare_xol(self, insn: bytes, addr: int, slot_addr: int):
-        return x86.prepare_xol(insn, addr, slot_addr)
+        return x86.prepare_xol(insn, addr, slot_addr, shadow_stack=self.shadow_stack)
 
     def check(self, func_code: bytes, func_addr: int, func_size: int | None, addr: int,
-              other_probes: Iterable[int] = ()):
+              other_probes: Iterable[int] = (), extra_targets: Iterable[int] = ()):
         return x86.can_optimize(func_code, func_addr, func_size, addr,
-                                other_probes=tuple(other_probes))
+                                other_probes=tuple(other_probes),
+                                extra_targets=tuple(extra_targets),
+                                shadow_stack=self.shadow_stack)
 
     def prepare(self, region, slot_addr: int, handler):
         return x86.build_detour(region, slot_addr, handler)
