@@ -6,6 +6,7 @@ import os
 import signal
 import statistics
 import subprocess
+import sys
 import time
 
 import pytest
@@ -181,6 +182,24 @@ def test_already_traced_is_access_denied(run):
                                            f"process {os.getpid()}"):
         Target.attach(prog.pid)
     assert t.stopped is True
+
+
+def test_permission_denied_names_the_fix(run):
+    prog = run("threads", 1)
+    code = ("import os, sys\n"
+            "from uprobe_opt.target import Target\n"
+            "os.setgid(65534); os.setuid(65534)\n"
+            "try:\n"
+            "    Target.attach(int(sys.argv[1]))\n"
+            "except Exception as e:\n"
+            "    print(type(e).__name__, e)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(prog.pid)], capture_output=True,
+                         text=True, timeout=30).stdout
+    assert out.startswith(f"AccessDenied cannot trace process {prog.pid}: ")
+    assert "root" in out and "CAP_SYS_PTRACE" in out and "kernel.yama.ptrace_scope" in out
+    with open(f"/proc/{prog.pid}/status") as f:
+        assert "TracerPid:\t0\n" in f.read()
+    assert not {state(prog.pid, x) for x in task_tids(prog.pid)} & {"t", "T"}
 
 
 # ------------------------------------------------------------------------- quiescence

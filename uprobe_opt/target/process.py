@@ -2,10 +2,12 @@
 
 One :class:`Target` per process. All ptrace requests are made by the OS thread that
 created it (``man 2 ptrace``: the tracer is a thread, not a process); public methods
-check this. The only wait loop is :meth:`Target._wait`, which reaps *our* tids one by one
-with ``waitpid(tid, WNOHANG | __WALL)`` (never ``waitpid(-1)``, so other children of the
-tracer, e.g. subprocess.Popen ones, keep their exit statuses) and sleeps in ``select()``
-on a ``signal.set_wakeup_fd`` pipe that SIGCHLD writes to.
+check this. The only wait loop is :meth:`Target._wait`. It never reaps with
+``waitpid(-1)``: ``waitid(P_ALL, WNOWAIT)`` names the next waitable task and only *our*
+tids are then reaped, with ``waitpid(tid, WNOHANG | __WALL)``, so other children of the
+tracer (e.g. subprocess.Popen ones) keep their exit statuses. It sleeps in ``select()``
+on a ``signal.set_wakeup_fd`` pipe that SIGCHLD writes to; off the main thread (no
+wakeup fd possible) it falls back to sleeping 1 ms between reaps.
 
 Thread bookkeeping (one :class:`_Thread` per traced task):
   * ``stopped``: in a ptrace-stop we reaped and have not ended;
@@ -18,7 +20,6 @@ Addresses are absolute virtual addresses in the target; sizes are bytes; timeout
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
 import os
@@ -287,7 +288,9 @@ class ForkedChild:
 class _Wakeup:
     """Process-wide SIGCHLD wakeup: a no-op Python SIGCHLD handler (chaining any previous
     one) plus ``signal.set_wakeup_fd`` on a non-blocking pipe, shared by all Targets.
-    Only possible on the main thread; elsewhere ``active`` is False and waits poll."""
+    Only possible on the main thread; elsewhere acquire() returns False and
+    Target._wait polls every ms instead. Replaces any wakeup fd set before (asyncio's!)
+    until the last Target is closed."""
     users = 0
     rfd = wfd = -1
     old_fd = -1
