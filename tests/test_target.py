@@ -772,3 +772,24 @@ def test_leader_exits_while_traced(run):
     events = pump(t, got_exit)
     assert [type(e) for e in events] == [ExitEvent]
     assert os.WIFSIGNALED(t.exit_status) and os.WTERMSIG(t.exit_status) == signal.SIGTERM
+
+
+def test_many_threads_trapping_at_once(run):
+    prog = run("int3threads", 16)
+    t = attach(run, prog.pid)
+    t.resume_all()
+    prog.send("go\n")
+    per_tid: dict[int, int] = {}
+    deadline = time.monotonic() + 30
+    while not t.exited:
+        assert time.monotonic() < deadline
+        for e in t.poll(0.1):
+            if isinstance(e, TrapEvent):
+                per_tid[e.tid] = per_tid.get(e.tid, 0) + 1
+                if len(per_tid) == 3 and per_tid[e.tid] == 1:
+                    t.stop_all()                # a stop_all in the middle of the storm
+                    t.resume_all()
+                t.resume(e.tid)
+    assert os.WEXITSTATUS(t.exit_status) == 0
+    assert len(per_tid) == 16 and set(per_tid.values()) == {200}
+    assert prog.read() == "done 3200\n"

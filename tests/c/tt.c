@@ -195,6 +195,28 @@ static int mode_int3loop(int n) {   /* n bare int3s: the tracer must swallow the
     return 0;
 }
 
+static pthread_barrier_t barrier;
+static int loops;
+static void *int3er(void *arg) {
+    (void)arg;
+    pthread_barrier_wait(&barrier);
+    for (int i = 0; i < loops; i++) __asm__ volatile("int3");
+    return NULL;
+}
+
+static int mode_int3threads(int n) {   /* n threads x 200 int3s, all at once */
+    pthread_t t[256];
+    loops = 200;
+    pthread_barrier_init(&barrier, NULL, n + 1);
+    for (int i = 0; i < n; i++) pthread_create(&t[i], NULL, int3er, NULL);
+    say("ready\n");
+    wait_go();
+    pthread_barrier_wait(&barrier);
+    for (int i = 0; i < n; i++) pthread_join(t[i], NULL);
+    say("done %d\n", n * loops);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     const char *m = argc > 1 ? argv[1] : "";
     int arg = argc > 2 ? atoi(argv[2]) : 0;
@@ -206,6 +228,7 @@ int main(int argc, char **argv) {
     if (!strcmp(m, "int3")) return mode_int3();
     if (!strcmp(m, "exit")) return mode_exit(arg);
     if (!strcmp(m, "int3loop")) return mode_int3loop(arg);
+    if (!strcmp(m, "int3threads")) return mode_int3threads(arg);
     if (!strcmp(m, "vfork")) return mode_vfork(arg);
     if (!strcmp(m, "exec")) return mode_exec(arg);
     if (!strcmp(m, "zombie_leader")) return mode_zombie_leader(arg);
