@@ -30,7 +30,7 @@ registers other than fs base, and what a syscall does (runs stop AT a syscall).
 """
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 import os
 import random
@@ -65,7 +65,9 @@ BOUNDARY_WINDOW = 32            # bytes from the entry scanned with --all-bounda
 MAX_INSNS = 400                 # instructions per run (a detour is < 60)
 
 # Address space of the emulated process (link-time code addresses are low; all our own
-# areas are high, canonical, and far from any slot within +-2 GiB of the code).
+# areas are high, canonical, and far from any slot within +-2 GiB of the code).  Only the
+# code, the slot and the rseq cpu_id are mapped up front; the stack, TLS, heap and data
+# pages are mapped on first touch with the state's fill.
 STACK_BASE, STACK_SIZE = 0x7FFE_0000_0000, 0x10000
 TLS_BASE = 0x7FFC_0000_2000           # fs base; the TLS block is mapped on demand
 HEAP_BASE, HEAP_SPAN = 0x5500_0000_0000, 1 << 32
@@ -174,6 +176,7 @@ def find_sites(image: CodeImage, funcs: Iterable[Function],
 # ---------------------------------------------------------------------------------------
 # Randomized machine state
 
+@functools.lru_cache(maxsize=1024)
 def _page_fill(seed: int, zero: bool, page: int) -> bytes:
     """The bytes of ``page`` in a state: a function of (seed, page) only, so both runs
     see the same memory.  Qwords are random or canonical heap pointers."""
@@ -337,8 +340,6 @@ class _Emu:
         self.reads: list[tuple[int, int, int]] = []
         for page, data in pages.items():
             self.map_page(page, data)
-        for page in sorted(_pages(STACK_BASE, STACK_SIZE)):
-            self.map_page(page)
         tls_cpu = TLS_BASE + RSEQ_OFFSET + 4
         self.map_page(tls_cpu & ~(PAGE - 1))
         uc.mem_write(tls_cpu, (state.cpu_id & 0xFFFFFFFF).to_bytes(4, "little"))
@@ -482,31 +483,42 @@ def _fmt_stop(stop: tuple) -> str:
     return f"{kind} {where:#x}" if isinstance(where, int) and kind != "limit" else f"{kind} {where}"
 
 
+def _scratch_limit(orig: Outcome, state: State) -> int:
+    """Bytes below this address may serve the detour as scratch (its frame, a register
+    spilled around a rewritten instruction): below the red zone both at the probe and
+    where the region leaves (SysV ABI 3.2.2: memory below rsp-128 may change at any
+    moment, a signal frame can land there)."""
+    return max(state.rsp, orig.regs["rsp"]) - x86.RED_ZONE_SIZE
+
+
 def _compare_memory(orig: Outcome, det: Outcome, allowed_extra: set[int],
                     state: State) -> list[str]:
-    """Bytes either run's region wrote must end equal; the detour's own writes before
-    the relocated region may only hit its frame below the red zone and ``allowed_extra``."""
+    """Every byte the original wrote must end equal in the detour run.  Bytes only the
+    detour wrote must be its scratch below the red zone (or ``allowed_extra``, the
+    counter of a count handler): anything else it wrote is a clobber."""
     diffs = []
-    frame_lo, red_zone = state.rsp - x86.RED_ZONE_SIZE - 0x1000, state.rsp - x86.RED_ZONE_SIZE
-    stray = {a for a in det.extra_writes
-             if not frame_lo <= a < red_zone and a not in allowed_extra}
-    for lo, hi in _ranges(stray):
-        where = "the red zone or above" if lo >= red_zone else "outside its frame"
-        diffs.append(f"detour wrote {hi - lo} byte(s) at {lo:#x} ({where}, rsp={state.rsp:#x})")
-    addrs = orig.writes | det.writes
+    limit = _scratch_limit(orig, state)
+    stray = {a for a in (det.extra_writes | det.writes) - orig.writes
+             if a >= limit and a not in allowed_extra}
+    addrs = orig.writes | stray
     want, got = orig.emu.read_bytes(addrs), det.emu.read_bytes(addrs)
-    bad = [a for a in addrs if want[a] != got[a]]
+    bad = [a for a in addrs if want[a] != got[a] or a in stray]
     for lo, hi in _ranges(bad)[:8]:
         w = bytes(want[a] for a in range(lo, hi)).hex()
         g = bytes(got[a] for a in range(lo, hi)).hex()
-        diffs.append(f"memory {lo:#x} (rsp{lo - state.rsp:+#x}): original {w} relocated {g}")
+        where = " (red zone)" if state.rsp - x86.RED_ZONE_SIZE <= lo < state.rsp else ""
+        extra = "" if lo in orig.writes else "; written by the detour only"
+        diffs.append(f"memory {lo:#x} (rsp{lo - state.rsp:+#x}){where}: original {w} "
+                     f"relocated {g}{extra}")
     return diffs
 
 
-def _compare_reads(orig: Outcome, det: Outcome, detour) -> list[str]:
+def _compare_reads(orig: Outcome, det: Outcome, detour, limit: int) -> list[str]:
     """The relocated region must read exactly the addresses the original read (its own
-    literal pool aside): a wrong displacement shows here even when the values agree."""
-    mine = {(a, s) for a, s in det.reads if a not in detour}
+    literal pool and stack scratch aside): a wrong displacement shows here even when
+    the values agree."""
+    mine = {(a, s) for a, s in det.reads
+            if a not in detour and (a >= limit or (a, s) in orig.reads)}
     if mine == orig.reads:
         return []
     only_o = sorted(orig.reads - mine)[:4]
@@ -537,7 +549,7 @@ def compare(orig: Outcome, det: Outcome, state: State, detour,
             diffs.append(f"counter {slot_addr:#x} (cpu {state.cpu_id}): {before} -> {after}, "
                          "expected +1")
     diffs += _compare_memory(orig, det, counter, state)
-    return diffs + _compare_reads(orig, det, detour)
+    return diffs + _compare_reads(orig, det, detour, _scratch_limit(orig, state))
 
 
 # ---------------------------------------------------------------------------------------
@@ -719,12 +731,17 @@ class FileReport:
 
 def check_file(path: str, *, sites: int | None = None, seed: int = 0, num_states: int = 4,
                all_boundaries: bool = False, builder: Builder | None = None,
+               addrs: Iterable[int] | None = None,
                on_mismatch: Callable[[Mismatch], None] | None = None) -> FileReport:
-    """Check every site of ``path`` (or ``sites`` of them, sampled with ``seed``)."""
+    """Check every site of ``path`` (or ``sites`` of them, sampled with ``seed``; or
+    only the sites at ``addrs``, link-time addresses)."""
     t0 = time.monotonic()
     image = CodeImage(path)
     funcs = iter_functions(image)
-    all_sites = find_sites(image, funcs, all_boundaries)
+    all_sites = find_sites(image, funcs, all_boundaries or addrs is not None)
+    if addrs is not None:
+        wanted = set(addrs)
+        all_sites = [s for s in all_sites if s.addr in wanted]
     if sites is not None and sites < len(all_sites):
         all_sites = sorted(random.Random(seed).sample(all_sites, sites), key=lambda s: s.addr)
     report = FileReport(path, functions=len(funcs))
@@ -781,6 +798,9 @@ def add_parser(sub):
                    help="random states per site (default 4)")
     p.add_argument("--all-boundaries", action="store_true",
                    help="also every instruction boundary in the first 32 bytes")
+    p.add_argument("--addr", type=lambda t: int(t, 0), action="append", metavar="ADDR",
+                   help="only the site at this link-time address (repeatable; reproduces "
+                        "a reported mismatch)")
     p.add_argument("--json", action="store_true", help="JSON lines instead of text")
     return p
 
@@ -793,6 +813,7 @@ def cmd_check_reloc(args) -> int:
         try:
             report = check_file(path, sites=args.sites, seed=args.seed,
                                 num_states=args.states, all_boundaries=args.all_boundaries,
+                                addrs=args.addr,
                                 on_mismatch=(lambda m: emit(m.to_json())) if emit else None)
         except SymbolError as e:
             print(f"uprobe-opt: check-reloc: {e}", file=sys.stderr)
