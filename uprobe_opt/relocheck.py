@@ -702,6 +702,15 @@ class FileReport:
         self.slot_refusals.update(r.slot_refusals)
         self.mismatches += r.mismatches
 
+    def merge(self, other: "FileReport") -> None:
+        """Add the counts of another shard of the same file."""
+        for name in ("sites", "optimizable", "checked", "states"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in ("refusals", "skipped", "slot_refusals"):
+            getattr(self, name).update(getattr(other, name))
+        self.mismatches += other.mismatches
+        self.seconds = max(self.seconds, other.seconds)
+
     @property
     def share(self) -> float:
         return 100.0 * self.optimizable / self.sites if self.sites else 0.0
@@ -731,10 +740,11 @@ class FileReport:
 
 def check_file(path: str, *, sites: int | None = None, seed: int = 0, num_states: int = 4,
                all_boundaries: bool = False, builder: Builder | None = None,
-               addrs: Iterable[int] | None = None,
+               addrs: Iterable[int] | None = None, shard: tuple[int, int] = (0, 1),
                on_mismatch: Callable[[Mismatch], None] | None = None) -> FileReport:
     """Check every site of ``path`` (or ``sites`` of them, sampled with ``seed``; or
-    only the sites at ``addrs``, link-time addresses)."""
+    only the sites at ``addrs``, link-time addresses).  ``shard=(i, n)`` keeps every
+    n-th site from the i-th: n processes cover the file once (see :meth:`FileReport.merge`)."""
     t0 = time.monotonic()
     image = CodeImage(path)
     funcs = iter_functions(image)
@@ -745,7 +755,7 @@ def check_file(path: str, *, sites: int | None = None, seed: int = 0, num_states
     if sites is not None and sites < len(all_sites):
         all_sites = sorted(random.Random(seed).sample(all_sites, sites), key=lambda s: s.addr)
     report = FileReport(path, functions=len(funcs))
-    for site in all_sites:
+    for site in all_sites[shard[0]::shard[1]]:
         result = check_site(image, site, seed=seed, num_states=num_states, builder=builder)
         report.add(result)
         for m in result.mismatches:
