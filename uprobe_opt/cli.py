@@ -32,10 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("-p", "--pid", type=int, help="attach to this running process")
     tr.add_argument("probes", nargs="*", metavar="PROBE",
                     help="SYMBOL, SYMBOL+0xOFF, LIB:SYMBOL[+0xOFF] or 0xADDR")
-    tr.add_argument("--handler", choices=("print", "count", "python"), default="print",
-                    help="print: a line per hit; count: only the summary; python: "
-                         "--python FILE:FUNCTION as pre_handler(probe, regs)")
+    tr.add_argument("--handler", choices=("print", "record", "count", "python"),
+                    default="print",
+                    help="print (default): a line per hit from in-process records; "
+                         "record: the same, kept for --hist without lines; count: only "
+                         "the summary; python: --python FILE:FUNCTION as "
+                         "pre_handler(probe, regs), one stop per hit")
     tr.add_argument("--python", metavar="FILE:FUNCTION", help="pre_handler for --handler python")
+    tr.add_argument("--args", type=int, default=6, metavar="N",
+                    help="integer argument registers captured per record (0-6, default 6)")
+    tr.add_argument("--hist", metavar="argN",
+                    help="at the end, a log2 histogram of argument N per probe")
+    tr.add_argument("--buffer-size", metavar="BYTES", default="4M",
+                    help="record ring buffer size (suffix K, M or G; default 4M)")
     tr.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     tr.add_argument("--json", action="store_true", help="JSON lines output")
     tr.add_argument("-o", "--output", metavar="FILE", help="write our output to FILE")
@@ -96,14 +105,32 @@ class Output:
         self.json = as_json
         self.t0 = time.monotonic_ns()
 
+    @property
+    def is_tty(self) -> bool:
+        return self.file.isatty()
+
     def hit(self, probe, regs) -> None:
-        now = time.monotonic_ns()
+        """A line for one hit seen by a Python pre_handler trap."""
+        self._line(probe.spec, time.monotonic_ns(), regs.tid, regs.args)
+
+    def records(self, batch, tracer, nargs: int) -> None:
+        """Lines for a drained batch of records (one per record and probe)."""
+        specs = {}
+        for site, t, tid, args in zip(batch["site"].tolist(), batch["time_ns"].tolist(),
+                                      batch["tid"].tolist(), batch["args"].tolist()):
+            names = specs.get(site)
+            if names is None:
+                names = specs[site] = [p.spec for p in tracer.probes_of_site(site)]
+            for name in names:
+                self._line(name, t, tid, args[:nargs])
+
+    def _line(self, spec: str, t_ns: int, tid: int, args) -> None:
         if self.json:
-            self.emit({"event": "hit", "probe": probe.spec, "time_ns": now, "tid": regs.tid,
-                       "args": list(regs.args)})
+            self.emit({"event": "hit", "probe": spec, "time_ns": t_ns, "tid": tid,
+                       "args": list(args)})
         else:
-            args = " ".join(f"{a:#x}" for a in regs.args)
-            self.file.write(f"{(now - self.t0) / 1e9:12.6f} {regs.tid:>7} {probe.spec}  {args}\n")
+            text = " ".join(f"{a:#x}" for a in args)
+            self.file.write(f"{(t_ns - self.t0) / 1e9:12.6f} {tid:>7} {spec}  {text}\n")
 
     def emit(self, obj: dict) -> None:
         self.file.write(json.dumps(obj) + "\n")
@@ -126,6 +153,13 @@ class Output:
             cells = [row[i].ljust(widths[i]) if i in (0, 1, 2) else row[i].rjust(widths[i])
                      for i in range(5)]
             self.file.write("  ".join(cells + [row[5]]).rstrip() + "\n")
+
+    def status(self, text: str) -> None:
+        self.file.write("\r" + text.ljust(70))
+        self.file.flush()
+
+    def end_status(self) -> None:
+        self.file.write("\r" + " " * 70 + "\r")
 
     def close(self) -> None:
         if self.file is not sys.stdout:
@@ -154,6 +188,30 @@ def load_python_handler(spec: str):
     return fn
 
 
+def parse_size(text: str) -> int:
+    """'4M' -> 4194304; UsageError on nonsense."""
+    from uprobe_opt.errors import UsageError
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in "KMG" else (t, "")
+    try:
+        value = int(num) * units[unit]
+    except ValueError:
+        raise UsageError(f"--buffer-size: not a size: {text!r} (e.g. 4M)") from None
+    if value < 4096 + 16 * 80:
+        raise UsageError(f"--buffer-size {text} is too small (at least 8K)")
+    return value
+
+
+def parse_hist(text: str | None) -> int | None:
+    from uprobe_opt.errors import UsageError
+    if text is None:
+        return None
+    if len(text) == 4 and text.startswith("arg") and text[3] in "012345":
+        return int(text[3])
+    raise UsageError(f"--hist wants arg0..arg5, not {text!r}")
+
+
 def _validate(ap, args) -> None:
     from uprobe_opt.errors import UsageError
     if not args.probes:
@@ -166,6 +224,14 @@ def _validate(ap, args) -> None:
         raise UsageError("--python needs --handler python")
     if args.duration is not None and args.duration <= 0:
         raise UsageError("--duration must be positive")
+    if not 0 <= args.args <= 6:
+        raise UsageError("--args must be 0..6")
+    args.hist_arg = parse_hist(args.hist)
+    if args.hist_arg is not None and args.hist_arg >= args.args:
+        raise UsageError(f"--hist {args.hist} needs --args {args.hist_arg + 1} or more")
+    if args.hist_arg is not None and args.handler not in ("print", "record"):
+        raise UsageError("--hist needs --handler record or print")
+    args.buffer_bytes = parse_size(args.buffer_size)
 
 
 def cmd_trace(ap, args) -> int:
@@ -173,22 +239,67 @@ def cmd_trace(ap, args) -> int:
     _validate(ap, args)
     pre = load_python_handler(args.python) if args.handler == "python" else None
     out = Output(args.output, args.json)
-    kw = dict(optimize=not args.no_optimize, log=out.note)
+    sink = RecordSink(out, args)
+    kw = dict(optimize=not args.no_optimize, log=out.note, buffer_size=args.buffer_bytes,
+              on_records=sink)
     tracer = Tracer.attach(args.pid, **kw) if args.pid is not None else Tracer.spawn(args.command, **kw)
+    sink.tracer = tracer
     try:
-        return _trace_session(tracer, args, out, pre)
+        return _trace_session(tracer, args, out, pre, sink)
     finally:
         out.close()
 
 
-def _trace_session(tracer, args, out: Output, pre) -> int:
+class RecordSink:
+    """Receives drained record batches: prints lines (print), feeds --hist."""
+
+    def __init__(self, out: Output, args):
+        self.out = out
+        self.print_lines = args.handler == "print"
+        self.nargs = args.args
+        self.hist_arg = getattr(args, "hist_arg", None)
+        self.hists: dict[int, object] = {}
+        self.tracer = None
+
+    def __call__(self, batch) -> None:
+        if self.print_lines:
+            self.out.records(batch, self.tracer, self.nargs)
+        if self.hist_arg is not None:
+            from uprobe_opt.hist import Log2Hist
+            for site in set(batch["site"].tolist()):
+                values = batch["args"][batch["site"] == site][:, self.hist_arg]
+                self.hists.setdefault(site, Log2Hist()).add(values)
+
+
+class Status:
+    """A live status line (hits/s, drops) once a second when output is a terminal."""
+
+    def __init__(self, out: Output, tracer, enabled: bool):
+        self.out, self.tracer, self.enabled = out, tracer, enabled
+        self.last_t = time.monotonic()
+        self.last_hits = 0
+        self.shown = False
+
+    def tick(self) -> bool:
+        now = time.monotonic()
+        if self.enabled and now - self.last_t >= 1.0:
+            hits = sum(p.nhit for p in self.tracer.probes)
+            drops = sum(p.nmissed for p in self.tracer.probes)
+            rate = (hits - self.last_hits) / (now - self.last_t)
+            self.out.status(f"uprobe-opt: {hits} hits, {rate:,.0f} hits/s, {drops} dropped")
+            self.last_t, self.last_hits, self.shown = now, hits, True
+        return False
+
+    def clear(self) -> None:
+        if self.shown:
+            self.out.end_status()
+
+
+def _trace_session(tracer, args, out: Output, pre, sink: RecordSink) -> int:
+    handler = {"print": "record", "record": "record", "count": "count",
+               "python": "python"}[args.handler]
     try:
-        if args.handler == "count":
-            tracer.add_probes(args.probes, handler="count")
-        elif args.handler == "print":
-            tracer.add_probes(args.probes, out.hit, handler="print")
-        else:
-            tracer.add_probes(args.probes, pre, handler="python")
+        tracer.add_probes(args.probes, pre, handler=handler, nargs=args.args)
     except BaseException:
         # Bad input: restore what was armed and let the target go as it was.
         if args.pid is None:
@@ -196,15 +307,34 @@ def _trace_session(tracer, args, out: Output, pre) -> int:
         else:
             tracer.detach()
         raise
+    status = Status(out, tracer, out.is_tty and not out.json and args.handler != "print")
     with _stop_on_signals(tracer):
-        tracer.run(duration=args.duration)
+        tracer.run(duration=args.duration, until=status.tick)
         tracer.detach()
+    status.clear()
     for note in tracer.notes:
         out.note(note)
-    out.summary(tracer.summary())
+    if sink.hists:
+        _print_hists(out, tracer, sink)
+    rows = tracer.summary()
+    out.summary(rows)
+    dropped = sum(r["nmissed"] for r in rows)
+    if dropped and not out.json:
+        out.note(f"{dropped} records dropped (ring buffer full): try a larger --buffer-size")
     if args.pid is None:
         return _child_status(tracer)
     return 0
+
+
+def _print_hists(out: Output, tracer, sink: RecordSink) -> None:
+    for site, hist in sorted(sink.hists.items()):
+        for probe in tracer.probes_of_site(site):
+            if out.json:
+                out.emit({"event": "hist", "probe": probe.spec, "arg": sink.hist_arg,
+                          "buckets": hist.buckets()})
+            else:
+                out.file.write(f"@{probe.spec}[arg{sink.hist_arg}]:\n")
+                out.file.write(hist.render() + "\n")
 
 
 def _child_status(tracer) -> int:
@@ -233,10 +363,11 @@ def cmd_demo(args) -> int:
     from uprobe_opt.testing import build_target
     loop = str(build_target("loop"))
     out = Output(None, args.json)
-    out.note(f"demo 1/2: {loop} 10, a line per hit of work(i, x) (probe optimized, "
-             "a Python handler per hit)")
-    with Tracer.spawn([loop, "10"], log=out.note) as t:
-        t.add_probe("work", out.hit, handler="print")
+    out.note(f"demo 1/2: {loop} 10, a line per hit of work(i, x): time, tid, probe, "
+             "arguments, recorded in-process by the optimized probe")
+    with Tracer.spawn([loop, "10"], log=out.note,
+                      on_records=lambda b: out.records(b, t, 2)) as t:
+        t.add_probe("work", handler="record", nargs=2)
         t.run()
     out.summary(t.summary())
     out.note(f"demo 2/2: {loop} {args.calls}, in-process counter, no stop per hit")

@@ -40,13 +40,23 @@ class Tracer:
 
     ``optimize``: jump-optimize probes when safe (False: int3 probes only, the CLI's
     ``--no-optimize``).  ``log``: callable for diagnostics (default: stderr).
+    ``buffer_size``: bytes of the record ring buffer (default 4 MiB).  ``on_records``:
+    callable receiving each drained batch of records (a numpy array of
+    :data:`uprobe_opt.core.records.HIT_DTYPE`); without it batches accumulate in
+    ``record_batches`` (see :meth:`records`).
     """
 
-    def __init__(self, target: Target, *, optimize: bool = True, log: Callable = None):
+    def __init__(self, target: Target, *, optimize: bool = True, log: Callable = None,
+                 buffer_size: int | None = None, on_records: Callable | None = None):
         self.target = target
         self.resolver = SymbolResolver(pid=target.pid)
         self.manager = ProbeManager(target, load_arch(), optimize=optimize, log=log)
+        if buffer_size is not None:
+            self.manager.records.buffer_bytes = buffer_size
+        self.on_records = on_records
+        self.record_batches: list = []
         self.manager.rseq_offset = self._find_rseq_offset()
+        self.manager.landing_pads = self._landing_pads
         self._stop_requested = False
         self._detached = False
         self.notes: list[str] = []
@@ -84,6 +94,22 @@ class Tracer:
         except Exception:
             return None
 
+    def _landing_pads(self, func_addr: int, func_size: int):
+        """C++ landing pads inside the function (runtime addresses), from the file's
+        .eh_frame/.gcc_except_table; None when its tables could not be parsed."""
+        from uprobe_opt import ehtable
+        obj = self.resolver.find_object(func_addr)
+        if obj is None:
+            return ()
+        path = self.resolver.local_path(obj)
+        lo = func_addr - obj.bias
+        try:
+            if ehtable.unparsed_in(path, lo, lo + func_size):
+                return None
+            return [obj.bias + pad for pad in ehtable.landing_pads_in(path, lo, lo + func_size)]
+        except OSError:
+            return None
+
     # -- probes -----------------------------------------------------------------------
     @property
     def pid(self) -> int:
@@ -94,29 +120,32 @@ class Tracer:
         return [p for p in self.manager.probes if p.registered]
 
     def add_probe(self, spec: str, pre_handler: Callable | None = None, *,
-                  handler: str | None = None, optimize: bool = True) -> Probe:
+                  handler: str | None = None, optimize: bool = True, nargs: int = 6
+                  ) -> Probe:
         """Register a probe at ``spec`` (``SYMBOL``, ``SYMBOL+0xOFF``, ``LIB:SYMBOL``,
         ``0xADDR``) and arm it (int3).  ``handler``: ``python`` (default when a
         pre_handler is given: ``pre_handler(probe, regs)`` runs in the tracer at each
-        hit), ``count`` (in-process counter, no stop per hit once optimized).  The probe
-        is queued for jump optimization unless ``optimize`` is False.  Raises
-        SymbolError (unknown/ambiguous symbol, not an instruction boundary, not
+        hit), ``count`` (in-process counter, no stop per hit once optimized),
+        ``record`` (a record per hit in the shared ring buffer: time, thread and the
+        first ``nargs`` integer argument registers; no stop per hit once optimized).
+        The probe is queued for jump optimization unless ``optimize`` is False.
+        Raises SymbolError (unknown/ambiguous symbol, not an instruction boundary, not
         executable), UsageError."""
-        if handler is None:
-            handler = "python" if pre_handler is not None else "count"
-        resolved = self.resolver.resolve(spec)
-        return self.manager.register(resolved, handler, pre_handler, spec=spec,
-                                     optimize=optimize)
+        return self.add_probes([spec], pre_handler, handler=handler, optimize=optimize,
+                               nargs=nargs)[0]
 
     def add_probes(self, specs: Iterable[str], pre_handler: Callable | None = None, *,
-                   handler: str | None = None, optimize: bool = True) -> list[Probe]:
+                   handler: str | None = None, optimize: bool = True, nargs: int = 6
+                   ) -> list[Probe]:
         """Like :meth:`add_probe` for many specs at once: one stop of all threads for
         the whole batch, and nothing armed if any spec is bad."""
         if handler is None:
             handler = "python" if pre_handler is not None else "count"
+        if not 0 <= nargs <= 6:
+            raise UsageError(f"nargs must be 0..6, not {nargs}")
         items = [(self.resolver.resolve(spec), handler, pre_handler, spec, optimize)
                  for spec in specs]
-        return self.manager.register_many(items)
+        return self.manager.register_many(items, nargs=nargs)
 
     def enable(self, probe: Probe) -> None:
         self.manager.enable(probe)
@@ -172,7 +201,7 @@ class Tracer:
         while not (self._stop_requested or self.target.exited or self.exec_seen):
             if until is not None and until():
                 break
-            timeout = 0.2
+            timeout = 0.01 if self.manager.records.ring is not None else 0.2
             if self.manager.optimizing:
                 timeout = RETRY_DELAY
             if deadline is not None:
@@ -183,6 +212,8 @@ class Tracer:
             self._pump(timeout)
             if self.manager.optimizing and not self.target.exited:
                 self.manager.optimize_pending()
+            self.deliver_records()
+        self.deliver_records()
 
     def _pump(self, timeout: float) -> None:
         for ev in self.target.poll(timeout):
@@ -190,6 +221,31 @@ class Tracer:
         if self.manager.exec_seen and not self.exec_seen:
             self.exec_seen = True
             self.notes.append("target exec'd a new program: its probes are gone")
+
+    # -- records ----------------------------------------------------------------------
+    def deliver_records(self) -> int:
+        """Drain the ring buffer (and int3-path records) and hand the batch to
+        ``on_records`` (or keep it in ``record_batches``).  Returns the batch size."""
+        batch = self.manager.records.take()
+        if len(batch):
+            if self.on_records is not None:
+                self.on_records(batch)
+            else:
+                self.record_batches.append(batch)
+        return len(batch)
+
+    def records(self):
+        """All records kept so far (no ``on_records`` given), one numpy array."""
+        import numpy as np
+        from uprobe_opt.core.records import HIT_DTYPE
+        self.deliver_records()
+        if not self.record_batches:
+            return np.zeros(0, dtype=HIT_DTYPE)
+        return np.concatenate(self.record_batches)
+
+    def probes_of_site(self, site_id: int) -> list[Probe]:
+        """The record probes of a site id carried in records (the ``site`` field)."""
+        return self.manager.records.probes_of(site_id)
 
     # -- results ----------------------------------------------------------------------
     def summary(self) -> list[dict]:
@@ -222,6 +278,7 @@ class Tracer:
         finally:
             if not t.exited:
                 t.detach()
+            self.deliver_records()
 
     def kill(self) -> None:
         self._detached = True

@@ -545,6 +545,18 @@ class SymbolResolver:
                     file_offset=self._file_offset(addr),
                     is_ifunc=sym.type == STT_GNU_IFUNC)
 
+    def find_object(self, addr: int) -> LoadedObject | None:
+        """The loaded ELF object whose mappings contain ``addr`` (None if none)."""
+        obj, _ = self._object_for_addr(addr)
+        return obj
+
+    def local_path(self, obj: LoadedObject) -> str:
+        """A path the tracer can open for ``obj``'s file (through /proc/PID/root in pid
+        mode, so a target in another mount namespace works)."""
+        if self.pid is None or not os.path.isabs(obj.path):
+            return obj.path
+        return f"/proc/{self.pid}/root{obj.path}"
+
     def _resolve_addr(self, addr: int, text: str, name: str | None = None) -> Site:
         self._check_exec(addr)
         obj, _ = self._object_for_addr(addr)

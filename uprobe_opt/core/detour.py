@@ -107,33 +107,42 @@ class DetourArea:
         self.mapped = True
 
     def _map_shared_data(self) -> None:
-        t = self.target
-        path = f"/dev/shm/uprobe-opt.{os.getpid()}.{next(_serial)}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, DATA_SIZE)
-            self.shm = _mmap.mmap(fd, DATA_SIZE)
-            # The path string must be in target memory for openat(2): put it in the
-            # reserved last slot of our own code page (readable, never executed).
-            path_addr = self.code_addr + self.nslots * self.slot_size
-            t.write(path_addr, path.encode() + b"\0")
-            tfd = t.syscall(SYS_openat, AT_FDCWD & (2**64 - 1), path_addr,
-                            O_RDWR | O_CLOEXEC, 0)
-            if tfd < 0:
-                raise TargetError(f"target could not open {path}: errno {-tfd}",
-                                  pid=t.pid)
-            try:
-                t.mmap(self.data_addr, DATA_SIZE, PROT_READ | PROT_WRITE,
-                       MAP_SHARED | MAP_FIXED_NOREPLACE, tfd, 0)
-            finally:
-                t.syscall(SYS_close, tfd)
-        finally:
-            os.close(fd)
-            os.unlink(path)
+        # The path string must be in target memory for openat(2): put it in the
+        # reserved last slot of our own code page (readable, never executed).
+        scratch = self.code_addr + self.nslots * self.slot_size
+        _, self.shm = map_shared_file(self.target, DATA_SIZE, scratch, self.data_addr)
 
     def unmap(self) -> None:
         self.target.munmap(self.code_addr, AREA_SIZE)
         self.mapped = False
+
+
+def map_shared_file(target, size: int, scratch_addr: int, fixed_addr: int | None = None):
+    """Create a /dev/shm file of ``size`` bytes, map it rw- MAP_SHARED in the tracer and
+    in the target (at ``fixed_addr`` with MAP_FIXED_NOREPLACE, or where the kernel
+    chooses), then close the target's descriptor and unlink the file: both mappings
+    stay, nothing is left open.  ``scratch_addr``: target memory (in one of our own
+    pages) where the file name is written for openat(2).  All threads stopped.
+    Returns (target address, tracer mmap)."""
+    path = f"/dev/shm/uprobe-opt.{os.getpid()}.{next(_serial)}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        shm = _mmap.mmap(fd, size)
+        target.write(scratch_addr, path.encode() + b"\0")
+        tfd = target.syscall(SYS_openat, AT_FDCWD & (2**64 - 1), scratch_addr,
+                             O_RDWR | O_CLOEXEC, 0)
+        if tfd < 0:
+            raise TargetError(f"target could not open {path}: errno {-tfd}", pid=target.pid)
+        try:
+            flags = MAP_SHARED | (MAP_FIXED_NOREPLACE if fixed_addr is not None else 0)
+            addr = target.mmap(fixed_addr or 0, size, PROT_READ | PROT_WRITE, flags, tfd, 0)
+        finally:
+            target.syscall(SYS_close, tfd)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return addr, shm
 
 
 def find_gap(maps, near: int, size: int) -> int:

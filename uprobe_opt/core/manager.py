@@ -26,7 +26,7 @@ import traceback
 from typing import Callable, Iterable
 
 from uprobe_opt.core.detour import DetourPool, NoDetourSpace
-from uprobe_opt.core.probe import HANDLER_KINDS, Probe, Site
+from uprobe_opt.core.probe import HANDLER_KINDS, Probe, Site, site_counts
 from uprobe_opt.core.regs import GPR_NAMES, Regs
 from uprobe_opt.errors import ProbeError, SymbolError, TargetError, UsageError
 
@@ -43,11 +43,17 @@ class ProbeManager:
         self.sites: dict[int, Site] = {}
         self.probes: list[Probe] = []
         self.trap_sites: dict[int, Site] = {}   # detour trap address -> site
+        self.site_by_id: list[Site] = []        # Site.id -> site (ring records carry it)
+        from uprobe_opt.core.records import Records
+        self.records = Records(self)
         self.former_sites: set[int] = set()    # addresses we once patched
         self.optimizing: list[Site] = []        # the kernel's optimizing_list
         self.pool = DetourPool(target, arch.slot_size)
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.ncpu_slots = 1 << max(0, (os.cpu_count() or 1) - 1).bit_length()
+        # (func_addr, func_size) -> addresses entered from outside the function's own
+        # branches (C++ landing pads), or None when they cannot be known.
+        self.landing_pads: Callable = lambda addr, size: ()
         self.rseq_offset: int | None = None
         self.pauses: list[float] = []            # seconds each quiescence point lasted
         self.held: list[tuple[int, bool]] = []   # trap threads handled while all-stopped
@@ -80,7 +86,7 @@ class ProbeManager:
         the address is not an instruction boundary, UsageError for a bad handler."""
         return self.register_many([(resolved, handler, pre_handler, spec, optimize)])[0]
 
-    def register_many(self, items) -> list[Probe]:
+    def register_many(self, items, nargs: int = 6) -> list[Probe]:
         """Register several probes with one stop of all threads.  ``items``: tuples
         (resolved, handler, pre_handler, spec, optimize).  All or nothing: every site
         is checked before any byte is written."""
@@ -96,6 +102,7 @@ class ProbeManager:
                 site = self.sites.get(addr) or self._new_site(addr, resolved)
                 probe = Probe(spec or resolved.spec, resolved.addr, site, handler,
                               pre_handler, resolved.symbol, optimize)
+                probe.nargs = nargs
                 site.probes.append(probe)
                 self.probes.append(probe)
                 self._probe_enabled(probe)
@@ -128,17 +135,17 @@ class ProbeManager:
         end = resolved.func_addr + resolved.func_size
         orig = self.recovered(addr, max(1, min(n, end - addr)))
         site = Site(addr, orig, resolved.func_addr, resolved.func_size,
-                    want_optimize=self.optimize_enabled)
+                    want_optimize=self.optimize_enabled, id=len(self.site_by_id))
+        self.site_by_id.append(site)
         self.sites[addr] = site
         return site
 
     def _probe_enabled(self, probe: Probe) -> None:
-        if probe.site.counter is not None:
-            probe._counter_snap = probe.site.counter.value()
+        probe._snap = site_counts(probe.site)
 
     def _probe_disabled(self, probe: Probe) -> None:
-        if probe.site.counter is not None:
-            probe._frozen_counted += probe.site.counter.value() - probe._counter_snap
+        now = site_counts(probe.site)
+        probe._frozen = [f + n - s for f, n, s in zip(probe._frozen, now, probe._snap)]
 
     def enable(self, probe: Probe) -> None:
         if probe.enabled or probe.is_gone:
@@ -275,7 +282,12 @@ class ProbeManager:
             return True
         func_code = self.recovered(site.func_addr, site.func_size)
         others = [a for a in self.sites if a != site.addr]
-        region = self.arch.check(func_code, site.func_addr, site.func_size, site.addr, others)
+        pads = self.landing_pads(site.func_addr, site.func_size)
+        if pads is None:
+            return self._refuse(site, f"exception tables of the function at "
+                                      f"{site.func_addr:#x} could not be read")
+        region = self.arch.check(func_code, site.func_addr, site.func_size, site.addr,
+                                 others, pads)
         if not hasattr(region, "size"):
             return self._refuse(site, region)
         try:
@@ -302,15 +314,26 @@ class ProbeManager:
         return False
 
     def _handler_spec(self, site: Site, kind: str):
-        if kind != "count":
+        if kind not in ("count", "record"):
             return self.arch.handler_spec(kind)
         if site.counter is None:
             site.counter = self.pool.counter_near(site.addr, self.ncpu_slots)
             for p in site.probes:
-                p._counter_snap = 0
-        return self.arch.handler_spec("count", counter_addr=site.counter.addr,
-                                      ncpu_slots=self.ncpu_slots,
-                                      rseq_offset=self.rseq_offset)
+                p._snap[0] = 0
+        if kind == "count":
+            return self.arch.handler_spec("count", counter_addr=site.counter.addr,
+                                          ncpu_slots=self.ncpu_slots,
+                                          rseq_offset=self.rseq_offset)
+        if site.missed is None:
+            site.missed = self.pool.counter_near(site.addr, 1)
+            for p in site.probes:
+                p._snap[1] = 0
+        ring = self.records.ensure_ring(site.addr)
+        return self.arch.handler_spec(
+            "record", counter_addr=site.counter.addr, ncpu_slots=self.ncpu_slots,
+            rseq_offset=self.rseq_offset, ring_addr=ring.addr, ring_mask=ring.mask,
+            missed_addr=site.missed.addr, probe_id=site.id,
+            nargs=max(p.nargs for p in site.enabled_probes()))
 
     def _redirect_xol_starts(self, sites: list[Site]) -> None:
         """A thread about to run a site's XOL copy (rip at its first byte) is moved to
@@ -467,6 +490,8 @@ class ProbeManager:
 
     def _run_handlers(self, site: Site, tid: int, values: dict) -> Regs | None:
         view = None
+        if any(p.handler == "record" for p in site.enabled_probes()):
+            self.records.add_trap_record(site, values, tid)
         for probe in site.enabled_probes():
             probe._hits += 1
             if probe.pre_handler is None:

@@ -13,7 +13,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-HANDLER_KINDS = ("python", "print", "count")
+HANDLER_KINDS = ("python", "count", "record")
 _ids = itertools.count(1)
 
 
@@ -44,7 +44,9 @@ class Site:
     detour: Any = None             # arch Detour when a detour is written
     detour_kind: str | None = None
     optimized: bool = False        # the jump is written
-    counter: Any = None            # (Counter) per-CPU counters for the count handler
+    counter: Any = None            # (Counter) per-CPU hit counters (count, record)
+    missed: Any = None             # (Counter) records dropped on a full ring (record)
+    id: int = 0                    # site number carried in ring records
     refusal: Any = None            # why the site stays int3 (arch Refusal or str)
     retry_at: float = 0.0          # monotonic seconds: next optimization attempt
     deferrals: int = 0
@@ -59,7 +61,9 @@ class Site:
         kinds = {p.handler for p in self.enabled_probes()}
         if not kinds:
             return None
-        return "count" if kinds == {"count"} else "python"
+        if "python" in kinds:
+            return "python"
+        return "record" if "record" in kinds else "count"
 
 
 class Probe:
@@ -84,10 +88,10 @@ class Probe:
         self.gone_reason: str | None = None
         self.registered = True
         self.nerrors = 0            # exceptions raised by pre_handler
-        self.nmissed = 0            # hits whose handler could not run
+        self.nargs = 6              # argument registers a record captures (0-6)
         self._hits = 0              # hits seen by the tracer (int3 path, detour traps)
-        self._frozen_counted = 0    # in-process counted hits while previously enabled
-        self._counter_snap = 0      # site counter value when last enabled
+        self._frozen = [0, 0]       # in-process [hits, missed] while previously enabled
+        self._snap = [0, 0]         # site [hits, missed] counters when last enabled
 
     # -- predicates ---------------------------------------------------------------
     @property
@@ -128,13 +132,30 @@ class Probe:
         return f"<Probe #{self.id} {self.spec} @{self.addr:#x} {self.state.value}>"
 
 
-def _probe_nhit(self: Probe) -> int:
-    """Hits so far: tracer-seen hits plus in-process counted ones (exact; the counters
-    live in a shared mapping the tracer reads even after the target is gone)."""
-    n = self._hits + self._frozen_counted
-    if self.enabled and self.site.counter is not None:
-        n += self.site.counter.value() - self._counter_snap
+def site_counts(site: Site) -> list[int]:
+    """The site's in-process [hits, missed] counters now."""
+    return [site.counter.value() if site.counter is not None else 0,
+            site.missed.value() if site.missed is not None else 0]
+
+
+def _probe_counted(self: Probe, i: int) -> int:
+    n = self._frozen[i]
+    if self.enabled:
+        n += site_counts(self.site)[i] - self._snap[i]
     return n
 
 
+def _probe_nhit(self: Probe) -> int:
+    """Hits so far: tracer-seen hits plus in-process counted ones (exact; the counters
+    live in a shared mapping the tracer reads even after the target is gone)."""
+    return self._hits + _probe_counted(self, 0)
+
+
+def _probe_nmissed(self: Probe) -> int:
+    """Hits whose record was dropped because the ring buffer was full (the kernel's
+    nmissed: the hit happened, the handler's work did not)."""
+    return _probe_counted(self, 1)
+
+
 Probe.nhit = property(_probe_nhit)
+Probe.nmissed = property(_probe_nmissed)

@@ -1,0 +1,154 @@
+"""Hit records: the ring buffer shared with the target, plus the records made by the
+tracer itself for hits on the int3 path, converted into one stream.
+
+A drained batch is a numpy structured array (:data:`HIT_DTYPE`): ``site`` (the site
+id; :meth:`Records.probes_of` gives its probes), ``time_ns`` (CLOCK_MONOTONIC ns),
+``tid`` (kernel thread id; 0 if the thread could not be named), ``nargs`` and
+``args`` (six u64, the first ``nargs`` captured: rdi, rsi, rdx, rcx, r8, r9).
+Per thread, records arrive in call order: a thread's ring records are reserved in the
+order it hits, and the ring is drained before an int3-path record is added.
+"""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from uprobe_opt.core.ringbuf import DEFAULT_BUFFER_BYTES, RingBuffer, records_for_bytes
+from uprobe_opt.core.tsc import TscClock
+from uprobe_opt.errors import TargetError
+
+HIT_DTYPE = np.dtype([("site", np.uint32), ("nargs", np.uint32), ("time_ns", np.int64),
+                      ("tid", np.int32), ("args", np.uint64, (6,))])
+ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
+
+
+class ThreadNames:
+    """fs base (glibc: the thread's TCB, == pthread_self()) -> kernel tid.
+
+    Known exactly for every thread we have seen stopped; for others, read from the
+    thread's own ``struct pthread`` (its ``tid`` field, at an offset that is measured
+    on the stopped threads at start, never assumed)."""
+
+    def __init__(self, target):
+        self.target = target
+        self.by_fs: dict[int, int] = {}
+        self.tid_offset: int | None = None
+
+    def learn(self) -> None:
+        """Record fs_base of every thread (all threads stopped)."""
+        pairs = []
+        for tid in self.target.tids:
+            try:
+                fs = self.target.get_regs(tid).fs_base
+            except TargetError:
+                continue
+            if fs:
+                self.by_fs[fs] = tid
+                pairs.append((fs, tid))
+        if self.tid_offset is None and pairs:
+            self.tid_offset = self._find_offset(pairs)
+
+    def _find_offset(self, pairs) -> int | None:
+        offsets = None
+        for fs, tid in pairs:
+            try:
+                tcb = self.target.read(fs, 0x1000)
+            except TargetError:
+                return None
+            words = struct.unpack(f"<{len(tcb) // 4}i", tcb)
+            found = {4 * i for i, w in enumerate(words) if w == tid}
+            offsets = found if offsets is None else offsets & found
+        return min(offsets) if offsets else None
+
+    def names(self, fs_bases: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(fs_bases), dtype=np.int32)
+        for fs in np.unique(fs_bases):
+            tid = self.lookup(int(fs))
+            out[fs_bases == fs] = tid
+        return out
+
+    def lookup(self, fs: int) -> int:
+        tid = self.by_fs.get(fs)
+        if tid is None and self.tid_offset is not None and not self.target.exited:
+            try:
+                (tid,) = struct.unpack("<i", self.target.read(fs + self.tid_offset, 4))
+            except TargetError:
+                tid = 0
+            if tid > 0:
+                self.by_fs[fs] = tid
+        return tid or 0
+
+
+class Records:
+    def __init__(self, manager, buffer_bytes: int = DEFAULT_BUFFER_BYTES):
+        self.manager = manager
+        self.buffer_bytes = buffer_bytes
+        self.ring: RingBuffer | None = None
+        self.clock: TscClock | None = None
+        self.threads = ThreadNames(manager.target)
+        self.pending: list[np.ndarray] = []
+        self.nrecords = 0
+
+    def ensure_ring(self, near: int) -> RingBuffer:
+        """Map the ring into the target (all threads stopped) on first use; ``near``:
+        an address whose detour area lends a scratch slot for the file name."""
+        if self.ring is None:
+            from uprobe_opt.core.detour import map_shared_file
+            n = records_for_bytes(self.buffer_bytes)
+            size = RingBuffer.size_for(n)
+            scratch = self.manager.pool.slot_near(near)
+            addr, shm = map_shared_file(self.manager.target, size, scratch)
+            ring = RingBuffer(shm, addr, n)
+            ring.initialize()
+            self.ring = ring
+            self.clock = TscClock()
+            self.threads.learn()
+        return self.ring
+
+    def add_trap_record(self, site, values: dict, tid: int) -> None:
+        """A record for a hit the tracer saw (int3 path or a Python-handler trap)."""
+        self.ensure_clock()
+        self.drain()                 # keep per-thread order: ring records first
+        rec = np.zeros(1, dtype=HIT_DTYPE)
+        rec["site"] = site.id
+        rec["nargs"] = max(p.nargs for p in site.enabled_probes())
+        rec["time_ns"] = self.clock.to_ns(self.clock.now_tsc())
+        rec["tid"] = tid
+        rec["args"][0] = [values[r] for r in ARG_REGS]
+        self.pending.append(rec)
+        self.nrecords += 1
+
+    def ensure_clock(self) -> None:
+        if self.clock is None:
+            self.clock = TscClock()
+
+    def drain(self) -> None:
+        """Move committed ring records into ``pending`` (converted)."""
+        if self.ring is None:
+            return
+        raw = self.ring.drain()
+        if not len(raw):
+            return
+        self.clock.update()
+        out = np.empty(len(raw), dtype=HIT_DTYPE)
+        out["site"] = raw["probe_id"]
+        out["nargs"] = raw["nargs"]
+        out["time_ns"] = self.clock.to_ns(raw["tsc"])
+        out["tid"] = self.threads.names(raw["fs_base"])
+        out["args"] = raw["args"]
+        self.pending.append(out)
+        self.nrecords += len(out)
+
+    def take(self) -> np.ndarray:
+        """Everything drained so far, as one array, in arrival order."""
+        self.drain()
+        if not self.pending:
+            return np.zeros(0, dtype=HIT_DTYPE)
+        batch = self.pending[0] if len(self.pending) == 1 else np.concatenate(self.pending)
+        self.pending = []
+        return batch
+
+    def probes_of(self, site_id: int) -> list:
+        site = self.manager.site_by_id[site_id]
+        return [p for p in site.probes if p.handler == "record"]

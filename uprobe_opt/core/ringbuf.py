@@ -1,0 +1,86 @@
+"""The consumer side of the record ring buffer (the producers are detour code).
+
+Layout and protocol are defined once, in :mod:`uprobe_opt.x86.ringlayout`: a header
+page (``head`` reserved by producers with ``lock cmpxchg``, ``tail`` written only by
+us), then N fixed-size records each carrying a sequence word (Vyukov's bounded queue).
+A record at position t is committed when ``seq == t + 1``; we copy it out and hand the
+slot back by setting ``seq = t + N``.  Producers never wait for us: on a full ring
+they drop the record and count it in the probe's ``nmissed``.
+
+Draining is bulk work on numpy structured arrays; no Python loop per record.  Only a
+contiguous prefix of committed records is taken, so a half-written record (reserved,
+not yet committed) is never shown and stops the batch until the next drain.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from uprobe_opt.x86 import ringlayout as rl
+
+DEFAULT_BUFFER_BYTES = 4 << 20
+
+
+def records_for_bytes(nbytes: int) -> int:
+    """Largest power of two of records fitting in ``nbytes`` (at least 16)."""
+    n = max(16, nbytes // rl.RECORD_SIZE)
+    return 1 << (n.bit_length() - 1)
+
+
+class RingBuffer:
+    """One ring shared with one target.  ``addr``: the header's address in the target;
+    ``nrecords``: capacity (power of two)."""
+
+    def __init__(self, shm, addr: int, nrecords: int):
+        self.shm = shm
+        self.addr = addr
+        self.nrecords = nrecords
+        self.mask = nrecords - 1
+        self.header = np.frombuffer(shm, dtype=np.uint64, count=rl.HEADER_SIZE // 8)
+        self.records = np.frombuffer(shm, dtype=rl.record_dtype(), count=nrecords,
+                                     offset=rl.HEADER_SIZE)
+        self.tail = 0
+        self.consumed = 0
+
+    @staticmethod
+    def size_for(nrecords: int) -> int:
+        return rl.HEADER_SIZE + nrecords * rl.RECORD_SIZE
+
+    def initialize(self) -> None:
+        """Fresh ring: head = tail = 0, seq[i] = i (every slot free for lap 0)."""
+        self.header[:] = 0
+        self.header[rl.MASK_OFFSET // 8] = self.mask
+        hdr = np.frombuffer(self.shm, dtype=np.uint32, count=rl.HEADER_SIZE // 4)
+        hdr[rl.RSIZE_OFFSET // 4] = rl.RECORD_SIZE
+        hdr[rl.MAGIC_OFFSET // 4] = rl.MAGIC
+        self.records["seq"] = np.arange(self.nrecords, dtype=np.uint64)
+
+    @property
+    def head(self) -> int:
+        return int(self.header[rl.HEAD_OFFSET // 8])
+
+    def pending(self) -> int:
+        """Records reserved by producers and not yet drained (some maybe uncommitted)."""
+        return self.head - self.tail
+
+    def drain(self, limit: int | None = None) -> np.ndarray:
+        """Copy out the committed records at the tail, in reservation order, and free
+        their slots.  Returns a structured array (possibly empty)."""
+        n = self.pending()
+        if limit is not None:
+            n = min(n, limit)
+        n = min(n, self.nrecords)
+        if n <= 0:
+            return self.records[:0].copy()
+        pos = np.arange(self.tail, self.tail + n, dtype=np.uint64)
+        idx = (pos & np.uint64(self.mask)).astype(np.intp)
+        committed = self.records["seq"][idx] == pos + np.uint64(1)
+        if not committed.all():
+            n = int(np.argmin(committed))          # stop before the first uncommitted
+            pos, idx = pos[:n], idx[:n]
+        out = self.records[idx].copy()
+        # Hand the slots back for the next lap; the producer reads seq == pos + N.
+        self.records["seq"][idx] = pos + np.uint64(self.nrecords)
+        self.tail += n
+        self.header[rl.TAIL_OFFSET // 8] = self.tail
+        self.consumed += n
+        return out
