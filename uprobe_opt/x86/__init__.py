@@ -8,7 +8,8 @@ Refusal), ``writer`` (TrampolineWriter, the only emitter; keystone lives there),
 ``relocator`` (one rewrite_* per relocation rule), ``xol`` (int3-path copies, jump
 encoding), ``analysis`` (can_optimize: design.md checks 1-6), ``frame`` (the saved
 register frame, one definition), ``trampoline`` (HandlerSpec, Detour, build_detour:
-check 7 and the slot code), ``explain`` (text for ``uprobe-opt explain``).
+check 7 and the slot code), ``ringlayout`` (the "record" ring: layout and protocol,
+shared with the tracer's consumer), ``explain`` (text for ``uprobe-opt explain``).
 """
 from .decode import Insn, check_boundary, decode, decode_one, skip_endbr
 from .refusal import Reason, Refusal

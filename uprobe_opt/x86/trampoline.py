@@ -204,7 +204,8 @@ def put_record_handler(w: TrampolineWriter, spec: HandlerSpec) -> None:
     256-byte slot)."""
     assert RL.ARG_REGS == ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
     retry, reload, full, done = (w.new_label(h) for h in ("retry", "reload", "full", "done"))
-    # 1. The hit counter, before the ring: the tracer may check records + missed == hits.
+    # 1. The hit counter, before the ring: the tracer may check records + missed == hits
+    #    (r10 first: the counter is usually within disp32 of the ring, no second address).
     put_load_addr(w, "r10", spec.ring_addr)
     put_count_handler(w, spec, scratch="r11", base=("r10", spec.ring_addr))
     # 2. Reserve a slot: pos = head; s = rec[pos & mask].seq
