@@ -1,0 +1,79 @@
+"""The benchmark scripts run (tiny --quick mode) and produce their table and JSON.
+
+No timing is asserted here: the numbers are the scripts' business (see
+docs/performance.md); this only proves the scripts work end to end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (ptrace, tracefs)")
+
+
+def run_script(name: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    # The venv's python directly: the scripts' bash preamble does the same after
+    # checking the venv is set up, which it is when the tests run.
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_scripts_are_executable_with_a_shebang():
+    for name in ("bench_overhead", "bench_setup"):
+        path = ROOT / "scripts" / name
+        assert os.access(path, os.X_OK), name
+        assert path.read_text().startswith("#!"), name
+
+
+def test_bench_overhead_quick(tmp_path):
+    out = tmp_path / "overhead.json"
+    proc = run_script("bench_overhead", "--quick", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for text in ("configuration", "baseline ns/call", "uprobe-opt optimized, count",
+                 "uprobe-opt optimized, record", "raw ptrace round trip", "ratios",
+                 "goals"):
+        assert text in proc.stdout, text
+    doc = json.loads(out.read_text())
+    for key in ("machine", "rounds", "results", "ratios", "goals", "unavailable",
+                "definitions"):
+        assert key in doc, key
+    assert doc["quick"] is True and doc["rounds"] == 1
+    for cfg in ("baseline", "opt-count", "opt-python", "int3-python", "ptrace-raw"):
+        res = doc["results"][f"{cfg}@1"]
+        assert res["samples"], cfg
+        assert set(res) >= {"config", "threads", "samples", "ns_per_hit", "ns_per_call"}
+    for nt in (1, 4):
+        assert doc["results"][f"baseline@{nt}"]["ns_per_call"]["median"] > 0
+        count = doc["results"][f"opt-count@{nt}"]
+        assert not count["errors"], count["errors"]
+        assert all(s["hits"] == s["n"] * nt and s["state"] == "optimized"
+                   for s in count["samples"])
+    # every optional configuration either ran or says why it could not
+    for cfg in ("kernel", "gdb", "opt-record"):
+        assert f"{cfg}@1" in doc["results"] or cfg in doc["unavailable"], cfg
+
+
+def test_bench_setup_quick(tmp_path):
+    out = tmp_path / "setup.json"
+    proc = run_script("bench_setup", "--quick", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for text in ("mode", "to-optimized s", "max pause ms", "goals"):
+        assert text in proc.stdout, text
+    doc = json.loads(out.read_text())
+    for key in ("machine", "rounds", "probes", "threads", "modes", "results", "goals"):
+        assert key in doc, key
+    assert {(e["mode"], e["threads"], e["probes"]) for e in doc["results"]} >= {
+        ("live", 1, 1), ("live", 4, 10), ("held", 4, 10)}
+    for e in doc["results"]:
+        assert set(e) >= {"to_optimized_s", "max_pause_s", "arm_s", "optimize_s",
+                          "samples", "errors", "all_optimized"}
+        for s in e["samples"]:
+            if "error" not in s:
+                assert s["optimized"] + len(s["not_optimized"]) >= min(s["probes"], 1)
