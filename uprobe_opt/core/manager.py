@@ -32,7 +32,7 @@ from uprobe_opt.errors import ProbeError, SymbolError, TargetError, UsageError
 
 STACK_SCAN_LIMIT = 256 * 1024   # bytes of each thread's live stack scanned at quiescence
 RETRY_DELAY = 0.005             # seconds before a deferred site is tried again
-MAX_DEFERRALS = 2000
+MAX_RETRY_DELAY = 1.0          # seconds between attempts for a long-deferred site
 
 
 class ProbeManager:
@@ -185,11 +185,13 @@ class ProbeManager:
                 self.sites.pop(site.addr, None)
                 self._dequeue(site)
             return
+        # Collisions first: unoptimizing a region rewrites its tail bytes, which
+        # would erase a breakpoint planted inside it beforehand.
+        self._collision_check(site)
         if not site.armed:
             self._arm(site)
         if site.optimized and site.detour_kind != kind:
             self._unoptimize(site)
-        self._collision_check(site)
         if (not site.optimized and site.want_optimize
                 and any(p.want_optimize for p in site.enabled_probes())):
             self._enqueue(site)
@@ -261,11 +263,11 @@ class ProbeManager:
             done = 0
             for site in ready:
                 if site.addr in busy:
+                    # Never forced: retried with a growing delay (at most 1 s) for as
+                    # long as some thread stays parked inside.
                     site.deferrals += 1
-                    site.retry_at = now + RETRY_DELAY * min(site.deferrals, 20)
-                    if site.deferrals >= MAX_DEFERRALS:
-                        site.refusal = busy[site.addr]
-                        self._dequeue(site)
+                    site.deferred = busy[site.addr]
+                    site.retry_at = now + min(RETRY_DELAY * site.deferrals, MAX_RETRY_DELAY)
                     continue
                 self._write_jump(site)
                 done += 1
@@ -404,6 +406,7 @@ class ProbeManager:
         self.target.write(site.addr, head)
         site.optimized = True
         site.refusal = None
+        site.deferred = None
         site.deferrals = 0
         self._dequeue(site)
 

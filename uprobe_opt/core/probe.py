@@ -50,6 +50,7 @@ class Site:
     refusal: Any = None            # why the site stays int3 (arch Refusal or str)
     retry_at: float = 0.0          # monotonic seconds: next optimization attempt
     deferrals: int = 0
+    deferred: str | None = None    # why the last optimization attempt was deferred
     want_optimize: bool = True     # False under --no-optimize (Tracer(optimize=False))
 
     def enabled_probes(self) -> list["Probe"]:
@@ -125,6 +126,8 @@ class Probe:
         if self.site.refusal is not None:
             return str(self.site.refusal)
         if self.state is ProbeState.INT3:
+            if self.site.deferred:
+                return f"deferred: {self.site.deferred}"
             return "optimization pending"
         return None
 
