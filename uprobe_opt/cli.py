@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="integer argument registers captured per record (0-6, default 6)")
     tr.add_argument("--hist", metavar="argN",
                     help="at the end, a log2 histogram of argument N per probe")
-    tr.add_argument("--buffer-size", metavar="BYTES", default="4M",
-                    help="record ring buffer size (suffix K, M or G; default 4M)")
+    tr.add_argument("--buffer-size", metavar="BYTES", default="8M",
+                    help="record ring buffer size (suffix K, M or G; default 8M: 65,536 "
+                         "records of 80 bytes); a full buffer drops records (nmissed)")
     tr.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     tr.add_argument("--json", action="store_true", help="JSON lines output")
     tr.add_argument("-o", "--output", metavar="FILE", help="write our output to FILE")

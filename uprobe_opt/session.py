@@ -40,7 +40,7 @@ class Tracer:
 
     ``optimize``: jump-optimize probes when safe (False: int3 probes only, the CLI's
     ``--no-optimize``).  ``log``: callable for diagnostics (default: stderr).
-    ``buffer_size``: bytes of the record ring buffer (default 4 MiB).  ``on_records``:
+    ``buffer_size``: bytes of the record ring buffer (default 8 MiB).  ``on_records``:
     callable receiving each drained batch of records (a numpy array of
     :data:`uprobe_opt.core.records.HIT_DTYPE`); without it batches accumulate in
     ``record_batches`` (see :meth:`records`).

@@ -35,6 +35,16 @@ class ThreadNames:
         self.by_fs: dict[int, int] = {}
         self.tid_offset: int | None = None
 
+    def learn_thread(self, tid: int) -> None:
+        """A new thread stopped at its first stop: its fs base is final (clone(2) with
+        CLONE_SETTLS set it), so the mapping is exact."""
+        try:
+            fs = self.target.get_regs(tid).fs_base
+        except TargetError:
+            return
+        if fs:
+            self.by_fs[fs] = tid
+
     def learn(self) -> None:
         """Record fs_base of every thread (all threads stopped)."""
         pairs = []
@@ -87,6 +97,7 @@ class Records:
         self.ring: RingBuffer | None = None
         self.clock: TscClock | None = None
         self.threads = ThreadNames(manager.target)
+        manager.target.thread_hook = self.threads.learn_thread
         self.pending: list[np.ndarray] = []
         self.nrecords = 0
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from uprobe_opt.x86 import ringlayout as rl
 
-DEFAULT_BUFFER_BYTES = 4 << 20
+DEFAULT_BUFFER_BYTES = 8 << 20
 
 
 def records_for_bytes(nbytes: int) -> int:

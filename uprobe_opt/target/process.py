@@ -342,6 +342,8 @@ class _Wakeup:
 class Target:
     """A traced process. Build with :meth:`attach` or :meth:`spawn`; see docs/internals.md.
 
+    ``thread_hook``: callable ``(tid) -> None`` run at the first stop of every thread we
+    trace (the thread is stopped: its registers can be read).
     ``fork_hook``: callable ``(ForkedChild) -> None`` run inside poll when a traced thread
     forks; None just detaches the child.
     """
@@ -351,6 +353,7 @@ class Target:
         self.exited = False
         self.exit_status: int | None = None
         self.fork_hook: Callable[[ForkedChild], None] | None = None
+        self.thread_hook: Callable[[int], None] | None = None
         self._owner = threading.get_ident()
         self._threads: dict[int, _Thread] = {}
         self._events: list[Event] = []
@@ -714,7 +717,10 @@ class Target:
         if os.WIFEXITED(status) or os.WIFSIGNALED(status):
             self._on_exit(t, status)
             return
+        was_new = t.new
         t.stopped, t.new = True, False
+        if was_new and self.thread_hook is not None:
+            self._call_thread_hook(t)
         sig, event = os.WSTOPSIG(status), status >> 16
         if event == pt.PTRACE_EVENT_STOP:
             self._on_event_stop(t, sig)
@@ -726,6 +732,17 @@ class Target:
             self._keep_or_resume(t)          # events/syscall-stops we never asked for
         else:
             self._on_signal(t, sig)
+
+    def _call_thread_hook(self, t: _Thread) -> None:
+        """First stop of a thread we trace (seized or auto-attached clone): tell the
+        owner, who may read its registers (it is stopped; it must not resume it)."""
+        try:
+            self.thread_hook(t.tid)
+        except pt.PtraceOSError as exc:
+            if not _esrch(exc):
+                raise
+        except ProcessGone:
+            pass
 
     def _keep_or_resume(self, t: _Thread) -> None:
         if not self._all_stopped:
