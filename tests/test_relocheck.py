@@ -188,3 +188,18 @@ def test_negative_control_red_zone_clobber(handcrafted):
     diffs = [d for m in report.mismatches for d in m.diffs]
     assert any("red zone" in d for d in diffs)
     assert any(d.startswith("rsp:") for d in diffs)
+
+
+def _jump_back_off_by_one(region, slot_addr, handler):
+    """build_detour whose final jmp rel32 (back to addr+len) lands one byte further."""
+    detour = REAL_BUILD_DETOUR(region, slot_addr, handler)
+    if isinstance(detour, x86.Refusal) or detour.code[-5] != 0xE9:
+        return detour
+    rel = int.from_bytes(detour.code[-4:], "little", signed=True) + 1
+    return dataclasses.replace(detour, code=detour.code[:-4] + rel.to_bytes(4, "little", signed=True))
+
+
+def test_negative_control_wrong_jump_back(handcrafted):
+    report = relocheck.check_file(handcrafted, seed=1, builder=_jump_back_off_by_one)
+    m = next(m for m in report.mismatches if m.func == "f_redzone")
+    assert any(d.startswith("next: original exit") for d in m.diffs), m.diffs

@@ -51,7 +51,7 @@ from uprobe_opt.errors import SymbolError
 from uprobe_opt.symbols import SymbolResolver
 from uprobe_opt.x86.writer import fits_rel32
 
-__all__ = ["Function", "Site", "Mismatch", "FileReport", "iter_functions", "find_sites",
+__all__ = ["CodeImage", "Function", "Site", "Mismatch", "FileReport", "iter_functions", "find_sites",
            "check_site", "check_file", "default_corpus", "add_parser", "cmd_check_reloc"]
 
 PAGE = 0x1000
@@ -60,7 +60,7 @@ GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 _UREG = {n: getattr(UX, f"UC_X86_REG_{n.upper()}") for n in GPRS + ("rip", "eflags")}
 _XMM = tuple(getattr(UX, f"UC_X86_REG_XMM{i}") for i in range(16))
-FLAGS_MASK = 0x8D5 | 0x400      # CF PF AF ZF SF OF, and DF
+FLAGS_MASK = 0x240FD5            # CF PF AF ZF SF TF IF DF OF AC ID (not RF, VM, reserved)
 BOUNDARY_WINDOW = 32            # bytes from the entry scanned with --all-boundaries
 MAX_INSNS = 400                 # instructions per run (a detour is < 60)
 
