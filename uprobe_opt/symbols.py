@@ -114,7 +114,11 @@ STB_LOCAL, STB_GLOBAL, STB_WEAK = 0, 1, 2
 SHN_UNDEF, SHN_ABS = 0, 0xFFF1
 PF_X, PF_W, PF_R = 1, 2, 4
 _FUNC_TYPES = (STT_FUNC, STT_GNU_IFUNC)
-_ELF64_SYM = struct.Struct("<IBBHQQ")
+_STT = {"STT_NOTYPE": 0, "STT_OBJECT": STT_OBJECT, "STT_FUNC": STT_FUNC,
+        "STT_SECTION": STT_SECTION, "STT_FILE": STT_FILE, "STT_COMMON": 5,
+        "STT_TLS": STT_TLS, "STT_LOOS": STT_GNU_IFUNC, "STT_GNU_IFUNC": STT_GNU_IFUNC}
+_STB = {"STB_LOCAL": STB_LOCAL, "STB_GLOBAL": STB_GLOBAL, "STB_WEAK": STB_WEAK,
+        "STB_GNU_UNIQUE": STB_GLOBAL, "STB_LOOS": STB_GLOBAL}
 
 
 @dataclass(frozen=True)
@@ -210,11 +214,9 @@ class _ElfData:
                     continue
                 versym = None
                 if sec["sh_type"] == "SHT_DYNSYM":
-                    vs = elf.get_section_by_name(".gnu.version")
-                    if vs is not None:
-                        versym = vs.data()
-                strtab = elf.get_section(sec["sh_link"]).data()
-                for sym in self._iter_raw(sec.data(), strtab, versym):
+                    versym = next((v for v in elf.iter_sections()
+                                   if v["sh_type"] == "SHT_GNU_versym"), None)
+                for sym in self._iter_section(sec, versym):
                     key = (sym.name, sym.value, sym.type)
                     if key in seen:
                         continue
@@ -232,18 +234,24 @@ class _ElfData:
         self._by_name = by_name
 
     @staticmethod
-    def _iter_raw(data: bytes, strtab: bytes, versym: bytes | None) -> Iterator[_Sym]:
-        for i, (st_name, st_info, _other, shndx, value, size) in enumerate(
-                _ELF64_SYM.iter_unpack(data)):
-            stype, bind = st_info & 0xF, st_info >> 4
-            if shndx in (SHN_UNDEF, SHN_ABS) or stype in (STT_SECTION, STT_FILE, STT_TLS):
+    def _iter_section(sec, versym) -> Iterator[_Sym]:
+        """Defined symbols of one .symtab/.dynsym section (pyelftools), with the GNU
+        hidden-version bit from .gnu.version (VERSYM_HIDDEN, 0x8000)."""
+        for i, sym in enumerate(sec.iter_symbols()):
+            stype = _STT.get(sym["st_info"]["type"], -1)
+            shndx = sym["st_shndx"]
+            if shndx in ("SHN_UNDEF", "SHN_ABS") or stype in (STT_SECTION, STT_FILE,
+                                                              STT_TLS, -1):
                 continue  # an undefined symbol is never a definition; TLS is not an address
-            name = strtab[st_name:strtab.index(b"\0", st_name)].decode(errors="replace")
+            name = sym.name
             if not name:
                 continue
+            bind = _STB.get(sym["st_info"]["bind"], STB_GLOBAL)
+            value, size = sym["st_value"], sym["st_size"]
             hidden = False
-            if versym is not None and 2 * i + 2 <= len(versym):
-                hidden = bool(struct.unpack_from("<H", versym, 2 * i)[0] & 0x8000)
+            if versym is not None and i < versym.num_symbols():
+                ndx = versym.get_symbol(i)["ndx"]      # int, or VER_NDX_LOCAL/GLOBAL
+                hidden = isinstance(ndx, int) and bool(ndx & 0x8000)
             if "@" in name:  # .symtab spelling: name@VER (hidden) or name@@VER (default)
                 base, _, ver = name.partition("@")
                 hidden = not ver.startswith("@")
