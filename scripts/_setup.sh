@@ -20,8 +20,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
-  "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test]" pytest-timeout \
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test]" \
     2>&1 | grep -v "^WARNING: Location" || true
-  "$VENV/bin/python" -c "import uprobe_opt, ptrace, capstone, keystone, elftools, psutil"
+  "$VENV/bin/python" -c "import uprobe_opt, ptrace, capstone, keystone, elftools, psutil, numpy, unicorn"
   touch "$stamp"
 fi
