@@ -309,6 +309,7 @@ def _trace_session(tracer, args, out: Output, pre, sink: RecordSink) -> int:
             tracer.detach()
         raise
     status = Status(out, tracer, out.is_tty and not out.json and args.handler != "print")
+    out.t0 = time.monotonic_ns()          # hit times are printed from here
     with _stop_on_signals(tracer):
         tracer.run(duration=args.duration, until=status.tick)
         tracer.detach()
@@ -369,6 +370,7 @@ def cmd_demo(args) -> int:
     with Tracer.spawn([loop, "10"], log=out.note,
                       on_records=lambda b: out.records(b, t, 2)) as t:
         t.add_probe("work", handler="record", nargs=2)
+        out.t0 = time.monotonic_ns()
         t.run()
     out.summary(t.summary())
     out.note(f"demo 2/2: {loop} {args.calls}, in-process counter, no stop per hit")
