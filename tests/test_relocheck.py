@@ -206,8 +206,8 @@ def test_negative_control_wrong_jump_back(handcrafted):
 
 
 # -- synthetic sites (check_code): exact bytes at an exact address ----------------------------
-FUNC = 0x40000000
-SLOT_FAR = 0xBFFFFD00      # near +2 GiB from FUNC: data at FUNC-0x2000 is out of disp32 reach
+FUNC = 0x100000000
+SLOT_FAR = FUNC + 0x7FFFFD00   # near +2 GiB: data at FUNC-0x2000 is out of disp32 reach
 
 
 def test_emulator_riprel_bug_is_skipped_not_a_mismatch():
@@ -237,3 +237,21 @@ def test_fault_in_scratch_rewrite_shows_original_registers():
     r = relocheck.check_code(code, FUNC, slots=[SLOT_FAR], seed=1)
     assert r.states == 4
     assert not r.mismatches, r.mismatches[0].render()
+
+
+@pytest.mark.parametrize("name,code", [
+    ("rep stosb first (repeats in place)", bytes.fromhex("f3aa31c031d2")),
+    ("jz rel8 back to the start", bytes.fromhex("31c031d274fa")),
+    ("loop forward", bytes.fromhex("e205b801000000")),
+    ("jrcxz forward", bytes.fromhex("e305b801000000")),
+    ("call rel32 far back", bytes.fromhex("31c0e8f9cfffff")),
+    ("call [rsp+rcx*8+0x78]", bytes.fromhex("31c9ff54cc78")),
+    ("push rbx; lea rax, [rip-far] (scratch below the red zone)", bytes.fromhex("53488d05f0cfffff")),
+    ("pop rbx; lea rax, [rip-far]", bytes.fromhex("5b488d05f0cfffff")),
+    ("syscall last (stop at it)", bytes.fromhex("31ff900f05")),
+])
+@pytest.mark.parametrize("slot", [SLOT_FAR, FUNC + 0x1000000, FUNC - 0x7FFFF000])
+def test_control_flow_and_stack_shapes(name, code, slot):
+    r = relocheck.check_code(code + b"\x90" * 8 + b"\xc3", FUNC, slots=[slot], seed=3)
+    assert r.refusal is None and r.skipped is None
+    assert r.states == 4 and not r.mismatches, r.mismatches[0].render()

@@ -435,16 +435,23 @@ def _is_syscall(emu: _Emu, pc: int) -> bool:
 
 
 def run_original(pages: dict[int, bytes], state: State, region) -> Outcome:
-    """Run the region at its own address until rip leaves it or comes back to its start;
+    """Run the region at its own address until rip leaves it or comes back to its start
+    (a branch back; a rep string instruction at the start repeats in place instead);
     stop AT a syscall (what the kernel does is not ours to compare)."""
     emu = _Emu(pages, state)
     syscalls = {i.addr for i in region.insns if i.kind == "syscall"}
-    steps = [0]
+    first = region.insns[0]
+    rep_first = bool({0xF2, 0xF3} & set(first.prefixes)) and \
+        first.mnemonic.split()[-1].startswith(_STRING_OPS)
+    prev = [None]
 
     def on_code(pc):
-        if steps[0] and (not region.addr <= pc < region.end or pc == region.addr):
-            return ("exit", pc)
-        steps[0] += 1
+        if prev[0] is not None:
+            if not region.addr <= pc < region.end:
+                return ("exit", pc)
+            if pc == region.addr and not (rep_first and prev[0] == pc):
+                return ("exit", pc)
+        prev[0] = pc
         return ("syscall", pc) if pc in syscalls else None
     return emu.run(region.addr, on_code)
 
