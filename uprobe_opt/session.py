@@ -276,8 +276,7 @@ class Tracer:
         except ProcessGone:
             pass
         finally:
-            if not t.exited:
-                t.detach()
+            t.detach()               # also releases our SIGCHLD wakeup when it exited
             self.deliver_records()
 
     def kill(self) -> None:
