@@ -145,7 +145,7 @@ def map_shared_file(target, size: int, scratch_addr: int, fixed_addr: int | None
     return addr, shm
 
 
-def find_gap(maps, near: int, size: int) -> int:
+def find_gap(maps, near: int, size: int, reach: int = REACH) -> int:
     """Lowest-distance page-aligned address for ``size`` bytes in a free gap of
     ``maps`` (sorted Mapping list) with the whole range within REACH of ``near``.
 
@@ -163,7 +163,7 @@ def find_gap(maps, near: int, size: int) -> int:
             hi -= STACK_ROOM
         lo, hi = lo + (1 << 20), hi - (1 << 20)      # 1 MiB of air on both sides
         for cand in _candidates(lo, hi, size, near):
-            if abs(cand - near) < REACH and abs(cand + size - near) < REACH:
+            if abs(cand - near) < reach and abs(cand + size - near) < reach:
                 if best is None or abs(cand - near) < abs(best - near):
                     best = cand
         prev_end, prev_path = max(prev_end, end), path
@@ -201,6 +201,20 @@ class DetourPool:
         area.map()
         self.areas.append(area)
         return area
+
+    def slot_anywhere(self) -> int:
+        """A fresh slot in an area placed by the kernel (for XOL copies, which need
+        no rel32 reach: they return with an absolute jump)."""
+        for area in self.areas:
+            if area.next_slot < area.nslots:
+                return area.alloc_slot()
+        maps = sorted(self.target.maps(), key=lambda m: m.start)
+        base = find_gap(maps, maps[-1].start if maps else 1 << 40, AREA_SIZE,
+                        reach=1 << 47)
+        area = DetourArea(self.target, base, self.slot_size)
+        area.map()
+        self.areas.append(area)
+        return area.alloc_slot()
 
     def slot_near(self, addr: int) -> int:
         """A fresh slot (absolute target address) within rel32 reach of addr."""

@@ -209,8 +209,8 @@ class ProbeManager:
         if site.xol_addr is None:
             try:
                 slot = self.pool.slot_near(site.addr)
-            except NoDetourSpace as e:
-                raise TargetError(f"cannot arm {site.addr:#x}: {e}", addr=site.addr) from None
+            except NoDetourSpace:
+                slot = self.pool.slot_anywhere()   # XOL returns by absolute jump
             plan = self.arch.prepare_xol(site.orig, site.addr, slot)
             if not hasattr(plan, "code"):
                 raise SymbolError(f"cannot probe {site.addr:#x}: {plan}", addr=site.addr)
