@@ -81,7 +81,7 @@ NONDETERMINISTIC = frozenset({
     "rdtsc", "rdtscp", "rdrand", "rdseed", "cpuid", "xgetbv", "rdpid", "rdpmc",
     "rdpkru", "xsave", "xsavec", "xsaveopt", "xsaves", "xrstor", "xrstors", "xsave64",
     "xsavec64", "xsaveopt64", "xrstor64", "rdsspq", "rdsspd", "incsspq", "incsspd",
-    "umwait", "tpause", "serialize", "lfence", "mfence", "sfence"})
+    "umwait", "tpause"})
 _STRING_OPS = ("movs", "stos", "lods", "scas", "cmps", "ins", "outs")
 
 _CS = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
@@ -614,6 +614,7 @@ class SiteResult:
     build_detour refused (near the +-2 GiB limit); ``mismatches``."""
     site: Site
     refusal: str | None = None
+    refused_insn: str | None = None     # mnemonic of the instruction the refusal names
     skipped: str | None = None
     states: int = 0
     slot_refusals: list[str] = field(default_factory=list)
@@ -646,6 +647,15 @@ def _emulator_bug(region, orig: Outcome) -> str | None:
         if t not in orig.starts and any(t - d in orig.starts for d in range(1, 5)):
             return f"wrong RIP-relative address for '{insn}'"
     return None
+
+
+def _mnemonic_at(image: CodeImage, func: Function, addr: int) -> str | None:
+    """Mnemonic of the instruction at ``addr`` in ``func`` (for refusal statistics)."""
+    code = image.read(func.addr, func.size)
+    if not func.addr <= addr < func.addr + func.size:
+        return None
+    insn = x86.decode_one(code[addr - func.addr: addr - func.addr + 15], addr)
+    return insn.mnemonic if insn else None
 
 
 def _code_pages(image: CodeImage, func: Function) -> dict[int, bytes]:
@@ -682,6 +692,7 @@ def check_site(image: CodeImage, site: Site, *, seed: int = 0, num_states: int =
     region = x86.can_optimize(image.read(func.addr, func.size), func.addr, func.size, site.addr)
     if isinstance(region, x86.Refusal):
         result.refusal = region.reason.name
+        result.refused_insn = _mnemonic_at(image, func, region.addr)
         return result
     # 2. instructions we cannot compare
     nondet = _nondeterministic(region)
@@ -728,6 +739,7 @@ class FileReport:
     checked: int = 0
     states: int = 0
     refusals: Counter = field(default_factory=Counter)
+    refused_insns: Counter = field(default_factory=Counter)   # (reason, mnemonic) -> n
     skipped: Counter = field(default_factory=Counter)
     slot_refusals: Counter = field(default_factory=Counter)
     mismatches: list[Mismatch] = field(default_factory=list)
@@ -737,6 +749,7 @@ class FileReport:
         self.sites += 1
         if r.refusal:
             self.refusals[r.refusal] += 1
+            self.refused_insns[(r.refusal, r.refused_insn or "-")] += 1
             return
         self.optimizable += 1
         if r.skipped:
@@ -751,7 +764,7 @@ class FileReport:
         """Add the counts of another shard of the same file."""
         for name in ("sites", "optimizable", "checked", "states"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        for name in ("refusals", "skipped", "slot_refusals"):
+        for name in ("refusals", "refused_insns", "skipped", "slot_refusals"):
             getattr(self, name).update(getattr(other, name))
         self.mismatches += other.mismatches
         self.seconds = max(self.seconds, other.seconds)
