@@ -168,8 +168,10 @@ class Tracer:
         deadline = time.monotonic() + timeout
         while self.manager.optimizing and time.monotonic() < deadline:
             self.manager.optimize_pending(force=True)
+            if self.target.stopped:
+                break        # held: nothing can move until the target runs again
             if self.manager.optimizing:
-                self._pump(RETRY_DELAY)
+                self.process_events(RETRY_DELAY)
 
     # -- running ----------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -209,13 +211,16 @@ class Tracer:
                 if left <= 0:
                     break
                 timeout = min(timeout, left)
-            self._pump(timeout)
+            self.process_events(timeout)
             if self.manager.optimizing and not self.target.exited:
                 self.manager.optimize_pending()
             self.deliver_records()
         self.deliver_records()
 
-    def _pump(self, timeout: float) -> None:
+    def process_events(self, timeout: float = 0.0) -> None:
+        """Handle the target's pending events (probe hits, exits, exec), waiting up
+        to ``timeout`` seconds for the first; no optimizer pass.  For callers that
+        drive the target themselves instead of :meth:`run`."""
         for ev in self.target.poll(timeout):
             self.manager.handle_event(ev)
         if self.manager.exec_seen and not self.exec_seen:

@@ -17,6 +17,7 @@ an RCU-tasks grace period before freeing; we simply do not free).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import mmap as _mmap
 import os
@@ -187,18 +188,21 @@ def _candidates(lo: int, hi: int, size: int, near: int):
 class DetourPool:
     """All detour areas of one target; hands out slots near a given address."""
 
-    def __init__(self, target, slot_size: int):
+    def __init__(self, target, slot_size: int, stopped=None):
         self.target = target
         self.slot_size = slot_size
         self.areas: list[DetourArea] = []
+        # context manager factory stopping all threads (remote mmap needs it)
+        self.stopped = stopped or contextlib.nullcontext
 
     def _area_near(self, addr: int) -> DetourArea:
         for area in self.areas:
             if area.in_reach(addr) and area.next_slot < area.nslots:
                 return area
-        base = find_gap(self.target.maps(), addr, AREA_SIZE)
-        area = DetourArea(self.target, base, self.slot_size)
-        area.map()
+        with self.stopped():
+            base = find_gap(self.target.maps(), addr, AREA_SIZE)
+            area = DetourArea(self.target, base, self.slot_size)
+            area.map()
         self.areas.append(area)
         return area
 
@@ -208,11 +212,12 @@ class DetourPool:
         for area in self.areas:
             if area.next_slot < area.nslots:
                 return area.alloc_slot()
-        maps = sorted(self.target.maps(), key=lambda m: m.start)
-        base = find_gap(maps, maps[-1].start if maps else 1 << 40, AREA_SIZE,
-                        reach=1 << 47)
-        area = DetourArea(self.target, base, self.slot_size)
-        area.map()
+        with self.stopped():
+            maps = sorted(self.target.maps(), key=lambda m: m.start)
+            base = find_gap(maps, maps[-1].start if maps else 1 << 40, AREA_SIZE,
+                            reach=1 << 47)
+            area = DetourArea(self.target, base, self.slot_size)
+            area.map()
         self.areas.append(area)
         return area.alloc_slot()
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 import signal
+
+import numpy as np
 import sys
 import time
 import traceback
@@ -48,7 +50,7 @@ class ProbeManager:
         self.records = Records(self)
         self.former_sites: set[int] = set()    # addresses we once patched
         self.optimizing: list[Site] = []        # the kernel's optimizing_list
-        self.pool = DetourPool(target, arch.slot_size)
+        self.pool = DetourPool(target, arch.slot_size, stopped=self._stopped)
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.ncpu_slots = 1 << max(0, (os.cpu_count() or 1) - 1).bit_length()
         # (func_addr, func_size) -> addresses entered from outside the function's own
@@ -248,10 +250,12 @@ class ProbeManager:
             self.release_held()
 
     def _optimize_batch(self, due: list[Site], now: float) -> int:
+        # Detours are analysed, built and written into fresh slots while the target
+        # runs (nothing can reach a fresh slot yet); only the patch needs quiescence.
+        ready = [s for s in due if self._prepare_detour(s)]
+        if not ready:
+            return 0
         with self._stopped():
-            ready = [s for s in due if self._prepare_detour(s)]
-            if not ready:
-                return 0
             # Threads that trapped on a breakpoint before we stopped them: run their
             # hits now, resuming them (later) in the detour's relocated region.
             for ev in self.target.poll(0):
@@ -330,7 +334,8 @@ class ProbeManager:
             site.missed = self.pool.counter_near(site.addr, 1)
             for p in site.probes:
                 p._snap[1] = 0
-        ring = self.records.ensure_ring(site.addr)
+        with self._stopped():
+            ring = self.records.ensure_ring(site.addr)
         return self.arch.handler_spec(
             "record", counter_addr=site.counter.addr, ncpu_slots=self.ncpu_slots,
             rseq_offset=self.rseq_offset, ring_addr=ring.addr, ring_mask=ring.mask,
@@ -356,47 +361,53 @@ class ProbeManager:
         """Sites some thread could resume inside: rip or a live stack word strictly
         inside the region (a preempted or signalled thread, a return address), or
         anywhere in the site's XOL slot (it jumps back to the first instruction's end,
-        which may lie inside the region)."""
-        busy: dict[int, str] = {}
+        which may lie inside the region).  Vectorized: spans are disjoint, so one
+        sorted search per thread finds every word that falls in one."""
         spans = []
         for s in sites:
             spans.append((s.region.addr + 1, s.region.addr + s.region.size, s))
             spans.append((s.xol_addr, s.xol_addr + self.arch.slot_size, s))
+        spans.sort(key=lambda span: span[0])
+        starts = np.array([lo for lo, _, _ in spans], dtype=np.uint64)
+        ends = np.array([hi for _, hi, _ in spans], dtype=np.uint64)
+        busy: dict[int, str] = {}
         maps = self.target.maps()
         for tid in self.target.tids:
             try:
                 regs = self.target.get_regs(tid)
             except TargetError:
                 continue
-            words = [regs.rip] + self._stack_words(regs.rsp, maps)
+            at = [regs.rip]
             if regs.orig_rax < (1 << 63):
                 # Inside a system call: an interrupted call is restarted by moving rip
                 # back over the 2-byte syscall instruction (kernel
-                # arch/x86/kernel/signal.c, ERESTART* handling), so the thread may
-                # resume at rip-2.
-                words.append(regs.rip - 2)
-            for w in words:
-                for lo, hi, s in spans:
-                    if lo <= w < hi and s.addr not in busy:
-                        where = "rip" if w in (regs.rip, regs.rip - 2) else "a stack word"
-                        busy[s.addr] = (f"thread {tid} keeps {where} {w:#x} inside the "
-                                        f"region at {s.addr:#x}")
+                # arch/x86/kernel/signal.c, ERESTART* handling): it may resume at rip-2.
+                at.append(regs.rip - 2)
+            words = np.concatenate([np.array(at, dtype=np.uint64),
+                                    self._stack_words(regs.rsp, maps)])
+            idx = np.searchsorted(starts, words, side="right") - 1
+            hit = (idx >= 0) & (words < ends[np.maximum(idx, 0)])
+            for i in np.nonzero(hit)[0].tolist():
+                site, w = spans[idx[i]][2], int(words[i])
+                if site.addr not in busy:
+                    where = "rip" if i < len(at) else "a stack word"
+                    busy[site.addr] = (f"thread {tid} keeps {where} {w:#x} inside the "
+                                       f"region at {site.addr:#x}")
         return busy
 
-    def _stack_words(self, rsp: int, maps) -> list[int]:
+    def _stack_words(self, rsp: int, maps) -> "np.ndarray":
+        """The live part of the stack holding rsp, as u64 words (at most
+        STACK_SCAN_LIMIT bytes; empty when rsp is in no mapping)."""
         m = next((m for m in maps if m.start <= rsp < m.end), None)
         if m is None:
-            return []
-        end = min(m.end, rsp + STACK_SCAN_LIMIT)
+            return np.zeros(0, dtype=np.uint64)
         start = rsp & ~7
+        end = min(m.end, start + STACK_SCAN_LIMIT)
         try:
             data = self.target.read(start, end - start)
         except TargetError:
-            return []
-        import array
-        arr = array.array("Q")
-        arr.frombytes(data[: len(data) // 8 * 8])
-        return arr.tolist()
+            return np.zeros(0, dtype=np.uint64)
+        return np.frombuffer(data[: len(data) // 8 * 8], dtype=np.uint64)
 
     def _write_jump(self, site: Site) -> None:
         # The breakpoint at site.addr keeps guarding the site while the tail is written;
@@ -607,7 +618,7 @@ class ProbeManager:
             except TargetError:
                 continue
             words.append(regs.rip)
-            words += self._stack_words(regs.rsp, maps)
+            words += self._stack_words(regs.rsp, maps).tolist()
         for area in self.pool.areas:
             if not area.mapped:
                 continue

@@ -201,7 +201,7 @@ def put_record_handler(w: TrampolineWriter, spec: HandlerSpec) -> None:
     clobbers no GPR, and the count part here uses rax/r11), identical to the frame's
     copies, so the arguments are stored straight from the registers (4 bytes each
     instead of 9 for a load from the frame plus a store; that keeps the detour in a
-    256-byte slot)."""
+    SLOT_SIZE-byte slot)."""
     assert RL.ARG_REGS == ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
     retry, reload, full, done = (w.new_label(h) for h in ("retry", "reload", "full", "done"))
     # 1. The hit counter, before the ring: the tracer may check records + missed == hits

@@ -10,7 +10,7 @@ from .writer import TrampolineWriter, fits_rel32
 
 BREAKPOINT = b"\xcc"
 JMP_REL32_SIZE = 5
-SLOT_SIZE = 256     # bytes; every XOL copy and every detour fits in one slot
+SLOT_SIZE = 512     # bytes; every XOL copy and every detour fits in one slot
 
 
 @dataclass(frozen=True)
