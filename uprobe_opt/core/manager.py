@@ -30,7 +30,8 @@ from typing import Callable, Iterable
 from uprobe_opt.core.detour import DetourPool, NoDetourSpace
 from uprobe_opt.core.probe import HANDLER_KINDS, Probe, Site, site_counts
 from uprobe_opt.core.regs import GPR_NAMES, Regs
-from uprobe_opt.errors import ProbeError, SymbolError, TargetError, UsageError
+from uprobe_opt.errors import (ProbeError, ProcessGone, SymbolError, TargetError,
+                              UsageError)
 
 STACK_SCAN_LIMIT = 256 * 1024   # bytes of each thread's live stack scanned at quiescence
 RETRY_DELAY = 0.005             # seconds before a deferred site is tried again
@@ -49,6 +50,7 @@ class ProbeManager:
         from uprobe_opt.core.records import Records
         self.records = Records(self)
         self.former_sites: set[int] = set()    # addresses we once patched
+        self.original: dict[int, bytes] = {}   # their original bytes (jump size)
         self.optimizing: list[Site] = []        # the kernel's optimizing_list
         self.pool = DetourPool(target, arch.slot_size, stopped=self._stopped)
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -61,6 +63,7 @@ class ProbeManager:
         self.held: list[tuple[int, bool]] = []   # trap threads handled while all-stopped
         self.exited = False
         self.exec_seen = False
+        self._exec_count = getattr(target, "exec_count", 0)
         self._rewind = False
         target.fork_hook = self.on_fork
         arch.shadow_stack = _uses_shadow_stack(target.pid)
@@ -218,6 +221,7 @@ class ProbeManager:
                 raise SymbolError(f"cannot probe {site.addr:#x}: {plan}", addr=site.addr)
             self.target.write(slot, plan.code)
             site.xol_addr = slot
+        self.original.setdefault(site.addr, site.orig[: self.arch.jump_size])
         self.target.write(site.addr, self.arch.breakpoint)
         site.armed = True
         self.former_sites.add(site.addr)
@@ -246,8 +250,20 @@ class ProbeManager:
             return 0
         try:
             return self._optimize_batch(due, now)
+        except ProcessGone:
+            # The target exited or exec'd while we stopped it (the target layer refuses
+            # writes into a new image): nothing left to optimize.
+            if self.target.exited or self._exec_pending():
+                return 0
+            raise
         finally:
             self.release_held()
+
+    def _exec_pending(self) -> bool:
+        """The target exec'd (its ExecEvent may still be queued): probes become gone."""
+        if getattr(self.target, "exec_count", 0) != self._exec_count:
+            self.on_exec()
+        return self.exec_seen
 
     def _optimize_batch(self, due: list[Site], now: float) -> int:
         # Detours are analysed, built and written into fresh slots while the target
@@ -550,16 +566,20 @@ class ProbeManager:
     # -- life-cycle events ------------------------------------------------------------
     def on_fork(self, child) -> None:
         """A forked child inherits our patched text but not our tracer: put every
-        original byte back in the child before it runs (it would die of SIGTRAP)."""
-        for site in self.sites.values():
-            if site.optimized:
-                child.write(site.addr, site.orig[: self.arch.jump_size])
-            elif site.armed:
-                child.write(site.addr, site.orig[:1])
+        original byte back in the child before it runs (it would die of SIGTRAP).
+        Every address we ever patched, not only today's sites: the child holds the
+        bytes of the moment it was forked, which may predate a disarm."""
+        for addr, orig in self.original.items():
+            try:
+                if child.read(addr, len(orig)) != orig:
+                    child.write(addr, orig)
+            except TargetError:
+                pass        # unmapped since (dlclose), or the child is already gone
 
     def on_exec(self) -> None:
         """The address space is gone: every probe is gone; never write again."""
         self.exec_seen = True
+        self._exec_count = getattr(self.target, "exec_count", 0)
         for probe in self.probes:
             if probe.registered and not probe.is_gone:
                 probe.gone_reason = "target exec'd a new program"

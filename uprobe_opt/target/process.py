@@ -352,6 +352,8 @@ class Target:
         self.pid = pid
         self.exited = False
         self.exit_status: int | None = None
+        self.exec_count = 0                # execs of the process seen so far
+        self._write_gen = 0                # exec_count that write()/syscall() accept
         self.fork_hook: Callable[[ForkedChild], None] | None = None
         self.thread_hook: Callable[[int], None] | None = None
         self._owner = threading.get_ident()
@@ -871,6 +873,7 @@ class Target:
             self._threads.pop(former, None)      # the exec'ing thread took the pid
         self._mem.open()
         self._gadget = None
+        self.exec_count += 1               # write fence: see accept_exec()
         self._events.append(ExecEvent(t.tid))
         self._keep_or_resume(t)
 
@@ -883,9 +886,24 @@ class Target:
 
     @_boundary
     def write(self, addr: int, data: bytes) -> None:
-        """Write ``data`` at ``addr`` (r-x text too) and read it back; PatchError."""
+        """Write ``data`` at ``addr`` (r-x text too) and read it back; PatchError.
+        ProcessGone once the process exec'd (see :meth:`accept_exec`)."""
         self._check_alive()
+        self._check_image()
         self._mem.write(addr, data)
+
+    def accept_exec(self) -> None:
+        """Lift the exec write fence. After an exec (seen by the wait loop, which may be
+        inside stop_all, before the owner polled the ExecEvent) :meth:`write` and
+        :meth:`syscall` raise ProcessGone: a patch computed for the old image must never
+        land in the new one. A caller that follows the exec and re-resolves its
+        addresses calls this to write into the new image."""
+        self._write_gen = self.exec_count
+
+    def _check_image(self) -> None:
+        if self._write_gen != self.exec_count:
+            raise ProcessGone(f"process {self.pid} exec'd a new program: no write into "
+                              "the new image (Target.accept_exec lifts this)", pid=self.pid)
 
     @_boundary
     def maps(self) -> list[Mapping]:
@@ -946,6 +964,7 @@ class Target:
         if len(args) > 6:
             raise UsageError("a syscall takes at most 6 arguments", pid=self.pid)
         t = self._syscall_thread(tid)
+        self._check_image()
         gadget = self._syscall_gadget()
         saved = pt.getregs(t.tid)
         regs = pt.user_regs_struct.from_buffer_copy(saved)
