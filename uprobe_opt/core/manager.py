@@ -100,19 +100,22 @@ class ProbeManager:
                 raise UsageError(f"unknown handler {handler!r} (choose from {HANDLER_KINDS})")
             if handler == "python" and pre_handler is None:
                 raise UsageError("handler 'python' needs a pre_handler callable")
+        # No quiescence needed to arm: a one-byte int3 store is atomic for instruction
+        # fetch (the first step of the kernel's text_poke_bp), and the XOL copy is
+        # written into a fresh slot first.  Only mapping a new detour area stops the
+        # threads (remote mmap), and multi-byte patches (unoptimize) do.
         probes = []
-        with self._stopped():
-            addrs = [self._check_site(item[0]) for item in items]
-            for addr, (resolved, handler, pre_handler, spec, optimize) in zip(addrs, items):
-                site = self.sites.get(addr) or self._new_site(addr, resolved)
-                probe = Probe(spec or resolved.spec, resolved.addr, site, handler,
-                              pre_handler, resolved.symbol, optimize)
-                probe.nargs = nargs
-                site.probes.append(probe)
-                self.probes.append(probe)
-                self._probe_enabled(probe)
-                self._site_changed(site)
-                probes.append(probe)
+        addrs = [self._check_site(item[0]) for item in items]
+        for addr, (resolved, handler, pre_handler, spec, optimize) in zip(addrs, items):
+            site = self.sites.get(addr) or self._new_site(addr, resolved)
+            probe = Probe(spec or resolved.spec, resolved.addr, site, handler,
+                          pre_handler, resolved.symbol, optimize)
+            probe.nargs = nargs
+            site.probes.append(probe)
+            self.probes.append(probe)
+            self._probe_enabled(probe)
+            self._site_changed(site)
+            probes.append(probe)
         return probes
 
     def _check_site(self, resolved) -> int:
@@ -155,29 +158,26 @@ class ProbeManager:
     def enable(self, probe: Probe) -> None:
         if probe.enabled or probe.is_gone:
             return
-        with self._stopped():
-            probe.enabled = True
-            self._probe_enabled(probe)
-            self._site_changed(probe.site)
+        probe.enabled = True
+        self._probe_enabled(probe)
+        self._site_changed(probe.site)
 
     def disable(self, probe: Probe) -> None:
         if not probe.enabled or probe.is_gone:
             return
-        with self._stopped():
-            self._probe_disabled(probe)
-            probe.enabled = False
-            self._site_changed(probe.site)
+        self._probe_disabled(probe)
+        probe.enabled = False
+        self._site_changed(probe.site)
 
     def unregister(self, probe: Probe) -> None:
         if not probe.registered:
             return
-        with self._stopped():
-            if probe.enabled:
-                self._probe_disabled(probe)
-            probe.enabled = False
-            probe.registered = False
-            probe.site.probes.remove(probe)
-            self._site_changed(probe.site)
+        if probe.enabled:
+            self._probe_disabled(probe)
+        probe.enabled = False
+        probe.registered = False
+        probe.site.probes.remove(probe)
+        self._site_changed(probe.site)
 
     # -- site state machine -----------------------------------------------------------
     def _site_changed(self, site: Site) -> None:
@@ -441,8 +441,9 @@ class ProbeManager:
         if not site.optimized:
             return
         head, tail = self.arch.unoptimize(site.region)
-        self.target.write(site.addr, head)       # breakpoint first
-        self.target.write(site.addr + 1, tail)   # then the original tail
+        with self._stopped():      # a multi-byte patch: no thread may fetch meanwhile
+            self.target.write(site.addr, head)       # breakpoint first
+            self.target.write(site.addr + 1, tail)   # then the original tail
         site.optimized = False
 
     def set_optimize(self, enabled: bool) -> None:
