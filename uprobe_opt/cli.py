@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 
-from uprobe_opt.errors import ProbeError
+from uprobe_opt.errors import ProbeError, ProcessGone
 
 ARG_NAMES = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 
@@ -243,10 +243,18 @@ def cmd_trace(ap, args) -> int:
     sink = RecordSink(out, args)
     kw = dict(optimize=not args.no_optimize, log=out.note, buffer_size=args.buffer_bytes,
               on_records=sink)
-    tracer = Tracer.attach(args.pid, **kw) if args.pid is not None else Tracer.spawn(args.command, **kw)
-    sink.tracer = tracer
     try:
-        return _trace_session(tracer, args, out, pre, sink)
+        # From before the attach until the detach has finished, SIGINT/SIGTERM only set
+        # a flag: a KeyboardInterrupt can never escape between two patch writes.
+        with _stop_on_signals() as stop:
+            tracer = (Tracer.attach(args.pid, **kw) if args.pid is not None
+                      else Tracer.spawn(args.command, **kw))
+            sink.tracer = tracer
+            stop.tracer = tracer
+            code = _trace_session(tracer, args, out, pre, sink)
+        if tracer.exec_seen and args.pid is None:
+            code = _wait_child(tracer.pid)
+        return code
     finally:
         out.close()
 
@@ -301,6 +309,11 @@ def _trace_session(tracer, args, out: Output, pre, sink: RecordSink) -> int:
                "python": "python"}[args.handler]
     try:
         tracer.add_probes(args.probes, pre, handler=handler, nargs=args.args)
+    except ProcessGone:
+        if not tracer.exited:             # the target exec'd or a thread vanished
+            tracer.detach()
+            raise
+        # The target died while we armed: report what there is.
     except BaseException:
         # Bad input: restore what was armed and let the target go as it was.
         if args.pid is None:
@@ -310,9 +323,11 @@ def _trace_session(tracer, args, out: Output, pre, sink: RecordSink) -> int:
         raise
     status = Status(out, tracer, out.is_tty and not out.json and args.handler != "print")
     out.t0 = time.monotonic_ns()          # hit times are printed from here
-    with _stop_on_signals(tracer):
-        tracer.run(duration=args.duration, until=status.tick)
-        tracer.detach()
+    try:
+        if not tracer.exited:
+            tracer.run(duration=args.duration, until=status.tick)
+    finally:
+        tracer.detach()                   # whatever happened: every byte restored
     status.clear()
     for note in tracer.notes:
         out.note(note)
@@ -346,15 +361,52 @@ def _child_status(tracer) -> int:
     return 128 - code if code < 0 else code
 
 
-@contextlib.contextmanager
-def _stop_on_signals(tracer):
-    """SIGINT/SIGTERM only set a flag: the tracer finishes what it is doing (never
-    half-patched) and detaches cleanly."""
-    def handler(signum, frame):
-        tracer.request_stop()
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+def _wait_child(pid: int) -> int:
+    """Spawn mode after an exec: we detached, the new program runs on untouched; our
+    status is still the program's (Ctrl-C stops waiting: 130)."""
     try:
-        yield
+        _, status = os.waitpid(pid, 0)
+    except KeyboardInterrupt:
+        return 130
+    except ChildProcessError:
+        return 0
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+class _StopRequest:
+    """What the SIGINT/SIGTERM handler knows: the tracer once it exists, and whether a
+    stop was asked for before (during the attach)."""
+
+    def __init__(self):
+        self.requested = False
+        self._tracer = None
+
+    @property
+    def tracer(self):
+        return self._tracer
+
+    @tracer.setter
+    def tracer(self, tracer) -> None:
+        self._tracer = tracer
+        if self.requested:
+            tracer.request_stop()
+
+    def __call__(self, signum, frame) -> None:
+        self.requested = True
+        if self._tracer is not None:
+            self._tracer.request_stop()
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGINT/SIGTERM only set a flag: the tracer finishes what it is doing (never
+    half-patched) and detaches cleanly; a second Ctrl-C changes nothing.  Installed
+    before the attach and removed only after the detach."""
+    stop = _StopRequest()
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
     finally:
         for s, h in old.items():
             signal.signal(s, h)
