@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 
-from uprobe_opt.errors import ProbeError, ProcessGone
+from uprobe_opt.errors import ProbeError
 
 ARG_NAMES = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 
@@ -309,18 +309,15 @@ def _trace_session(tracer, args, out: Output, pre, sink: RecordSink) -> int:
                "python": "python"}[args.handler]
     try:
         tracer.add_probes(args.probes, pre, handler=handler, nargs=args.args)
-    except ProcessGone:
-        if not tracer.exited:             # the target exec'd or a thread vanished
-            tracer.detach()
+    except BaseException as exc:
+        if not (isinstance(exc, ProbeError) and _target_died(tracer)):
+            # Bad input: restore what was armed and let the target go as it was.
+            if args.pid is None:
+                tracer.kill()
+            else:
+                tracer.detach()
             raise
-        # The target died while we armed: report what there is.
-    except BaseException:
-        # Bad input: restore what was armed and let the target go as it was.
-        if args.pid is None:
-            tracer.kill()
-        else:
-            tracer.detach()
-        raise
+        # The target died while we armed (read its symbols, ...): report what there is.
     status = Status(out, tracer, out.is_tty and not out.json and args.handler != "print")
     out.t0 = time.monotonic_ns()          # hit times are printed from here
     try:
@@ -359,6 +356,24 @@ def _child_status(tracer) -> int:
         return 0
     code = tracer.exit_code
     return 128 - code if code < 0 else code
+
+
+def _target_died(tracer, timeout: float = 2.0) -> bool:
+    """After an error: True when the target is dead (its exit is then reported)."""
+    t0 = time.monotonic()
+    while not tracer.exited and time.monotonic() - t0 < timeout:
+        try:
+            with open(f"/proc/{tracer.pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            state = "X"
+        if state in "ZX":
+            tracer.run(duration=0.05)       # reap it: exited, exit status known
+        elif time.monotonic() - t0 > 0.2:
+            return False                    # alive: the error was something else
+        else:
+            time.sleep(0.005)
+    return tracer.exited
 
 
 def _wait_child(pid: int) -> int:

@@ -251,11 +251,11 @@ class ProbeManager:
         try:
             return self._optimize_batch(due, now)
         except ProcessGone:
-            # The target exited or exec'd while we stopped it (the target layer refuses
-            # writes into a new image): nothing left to optimize.
-            if self.target.exited or self._exec_pending():
-                return 0
-            raise
+            # The target (or a thread) exited or exec'd meanwhile; the target layer
+            # refuses writes into a new image.  The wait loop reports the rest; sites
+            # still queued are retried.
+            self._exec_pending()
+            return 0
         finally:
             self.release_held()
 

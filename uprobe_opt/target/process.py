@@ -234,6 +234,12 @@ class _Memory:
         except OSError as exc:
             raise TargetError(f"cannot read {size} bytes at {addr:#x} in process "
                               f"{self.pid}: {exc.strerror}", pid=self.pid, addr=addr) from exc
+        if not data and size:
+            # pread of /proc/PID/mem returns 0 only once the address space is gone (an
+            # unmapped address is EIO): the process exited, or exec'd (this fd keeps
+            # the old mm, so nothing is ever read from or written to the new image).
+            raise ProcessGone(f"process {self.pid} is gone: its address space no longer "
+                              "exists", pid=self.pid, addr=addr)
         if len(data) != size:
             raise TargetError(f"short read at {addr:#x} in process {self.pid}: got "
                               f"{len(data)} of {size} bytes", pid=self.pid, addr=addr)
@@ -248,11 +254,16 @@ class _Memory:
         except OSError as exc:
             raise PatchError(f"cannot write {len(data)} bytes at {addr:#x} in process "
                              f"{self.pid}: {exc.strerror}", pid=self.pid, addr=addr) from exc
+        if done == 0 and data:
+            raise ProcessGone(f"process {self.pid} is gone: its address space no longer "
+                              "exists", pid=self.pid, addr=addr)
         if done != len(data):
             raise PatchError(f"short write at {addr:#x} in process {self.pid}: {done} of "
                              f"{len(data)} bytes", pid=self.pid, addr=addr)
         try:
             back = self.read(addr, len(data))
+        except ProcessGone:
+            raise
         except TargetError as exc:
             raise PatchError(str(exc), pid=self.pid, addr=addr) from exc
         if back != bytes(data):
