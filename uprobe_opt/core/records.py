@@ -124,7 +124,9 @@ class Records:
         rec = np.zeros(1, dtype=HIT_DTYPE)
         rec["site"] = site.id
         rec["nargs"] = max(p.nargs for p in site.enabled_probes())
-        rec["time_ns"] = self.clock.to_ns(self.clock.now_tsc())
+        tsc = self.clock.now_tsc()
+        self.clock.update()              # so tsc converts by interpolation
+        rec["time_ns"] = self.clock.to_ns(tsc)
         rec["tid"] = tid
         rec["args"][0] = [values[r] for r in ARG_REGS]
         self.pending.append(rec)

@@ -31,13 +31,20 @@ def _make_rdtsc():
 
 
 class TscClock:
-    """Converts TSC values to CLOCK_MONOTONIC nanoseconds."""
+    """Converts TSC values to CLOCK_MONOTONIC nanoseconds.
+
+    The conversion is the piecewise-linear curve through measured (tsc, ns) pairs, so
+    it is monotonic and never changes for a TSC value once a later pair exists: a
+    consumer that calls :meth:`update` before converting what it drained converts
+    every value by interpolation, and records of one thread stay ordered across
+    batches."""
 
     def __init__(self, warmup: float = 0.02):
         self.rdtsc = _make_rdtsc()
-        self.tsc0, self.ns0 = self._pair()
+        self.tscs: list[int] = []
+        self.nss: list[int] = []
+        self._add(*self._pair())
         time.sleep(warmup)
-        self.slope = 1.0
         self.update()
 
     def _pair(self) -> tuple[int, int]:
@@ -47,22 +54,36 @@ class TscClock:
         b = self.rdtsc()
         return (a + b) // 2, ns
 
+    def _add(self, tsc: int, ns: int) -> None:
+        if not self.tscs or (tsc > self.tscs[-1] and ns > self.nss[-1]):
+            self.tscs.append(tsc)
+            self.nss.append(ns)
+
     def update(self) -> None:
-        """Refit the slope with a fresh pair (call now and then during a run)."""
-        tsc, ns = self._pair()
-        if tsc > self.tsc0:
-            self.slope = (ns - self.ns0) / (tsc - self.tsc0)
+        """Measure a fresh pair: every TSC read before this call now converts by
+        interpolation between measured pairs."""
+        self._add(*self._pair())
+
+    @property
+    def slope(self) -> float:
+        """ns per TSC tick over the whole run so far."""
+        if len(self.tscs) < 2:
+            return 1.0
+        return (self.nss[-1] - self.nss[0]) / (self.tscs[-1] - self.tscs[0])
 
     def to_ns(self, tsc):
         """TSC value(s) (int or numpy uint64 array) -> CLOCK_MONOTONIC ns (int64)."""
-        try:
-            import numpy as np
-            if isinstance(tsc, np.ndarray):
-                delta = tsc.astype(np.int64) - np.int64(self.tsc0)
-                return (self.ns0 + delta * self.slope).astype(np.int64)
-        except ImportError:
-            pass
-        return int(self.ns0 + (int(tsc) - self.tsc0) * self.slope)
+        import numpy as np
+        arr = np.atleast_1d(np.asarray(tsc, dtype=np.uint64)).astype(np.float64)
+        xs = np.asarray(self.tscs, dtype=np.float64)
+        ys = np.asarray(self.nss, dtype=np.float64)
+        out = np.interp(arr, xs, ys)
+        slope = self.slope
+        hi, lo = arr > xs[-1], arr < xs[0]
+        out[hi] = ys[-1] + (arr[hi] - xs[-1]) * slope
+        out[lo] = ys[0] + (arr[lo] - xs[0]) * slope
+        res = out.astype(np.int64)
+        return res if isinstance(tsc, np.ndarray) else int(res[0])
 
     def now_tsc(self) -> int:
         return self.rdtsc()
