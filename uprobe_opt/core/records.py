@@ -72,11 +72,10 @@ class ThreadNames:
         return min(offsets) if offsets else None
 
     def names(self, fs_bases: np.ndarray) -> np.ndarray:
-        out = np.zeros(len(fs_bases), dtype=np.int32)
-        for fs in np.unique(fs_bases):
-            tid = self.lookup(int(fs))
-            out[fs_bases == fs] = tid
-        return out
+        """tids for an array of fs bases (one lookup per distinct thread)."""
+        uniq, inverse = np.unique(fs_bases, return_inverse=True)
+        tids = np.array([self.lookup(int(fs)) for fs in uniq], dtype=np.int32)
+        return tids[inverse]
 
     def lookup(self, fs: int) -> int:
         tid = self.by_fs.get(fs)

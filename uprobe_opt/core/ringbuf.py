@@ -71,16 +71,26 @@ class RingBuffer:
         n = min(n, self.nrecords)
         if n <= 0:
             return self.records[:0].copy()
-        pos = np.arange(self.tail, self.tail + n, dtype=np.uint64)
-        idx = (pos & np.uint64(self.mask)).astype(np.intp)
-        committed = self.records["seq"][idx] == pos + np.uint64(1)
-        if not committed.all():
-            n = int(np.argmin(committed))          # stop before the first uncommitted
-            pos, idx = pos[:n], idx[:n]
-        out = self.records[idx].copy()
-        # Hand the slots back for the next lap; the producer reads seq == pos + N.
-        self.records["seq"][idx] = pos + np.uint64(self.nrecords)
-        self.tail += n
+        parts = []
+        pos = self.tail
+        while n > 0:                      # at most two contiguous pieces (wrap-around)
+            start = pos & self.mask
+            take = min(n, self.nrecords - start)
+            piece = self.records[start:start + take]
+            want = np.arange(pos + 1, pos + 1 + take, dtype=np.uint64)
+            committed = piece["seq"] == want
+            if not committed.all():
+                take = int(np.argmin(committed))   # stop before the first uncommitted
+                n = take
+                piece = piece[:take]
+                want = want[:take]
+            parts.append(piece.copy())
+            # Hand the slots back for the next lap: the producer waits for seq == pos+N.
+            piece["seq"] = want + np.uint64(self.nrecords - 1)
+            pos += take
+            n -= take
+        got = pos - self.tail
+        self.tail = pos
         self.header[rl.TAIL_OFFSET // 8] = self.tail
-        self.consumed += n
-        return out
+        self.consumed += got
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
