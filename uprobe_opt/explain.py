@@ -37,7 +37,7 @@ def explain_site(resolver: SymbolResolver, spec: str, maps=None) -> dict:
     if addr == site.func_addr:
         addr = arch.adjust_addr(code, site.func_addr, addr)
     out["patched_address"] = f"{addr:#x}"
-    pads = _landing_pads(resolver, site.func_addr, site.func_size)
+    pads = resolver.landing_pads(site.func_addr, site.func_size)
     if pads is None:
         out["reason"] = "exception tables of the function could not be read"
         return out
@@ -59,20 +59,6 @@ def explain_site(resolver: SymbolResolver, spec: str, maps=None) -> dict:
     out["relocated"] = [{"insn": str(i), "relocated": text} for i, text in detour.relocated]
     out["optimizable"] = True
     return out
-
-
-def _landing_pads(resolver: SymbolResolver, func_addr: int, func_size: int):
-    from uprobe_opt import ehtable
-    obj = resolver.find_object(func_addr)
-    if obj is None:
-        return ()
-    path, lo = resolver.local_path(obj), func_addr - obj.bias
-    try:
-        if ehtable.unparsed_in(path, lo, lo + func_size):
-            return None
-        return [obj.bias + p for p in ehtable.landing_pads_in(path, lo, lo + func_size)]
-    except OSError:
-        return None
 
 
 def _slot_for(addr: int, maps) -> tuple[int | None, str]:

@@ -56,7 +56,7 @@ class Tracer:
         self.on_records = on_records
         self.record_batches: list = []
         self.manager.rseq_offset = self._find_rseq_offset()
-        self.manager.landing_pads = self._landing_pads
+        self.manager.landing_pads = self.resolver.landing_pads
         self._stop_requested = False
         self._detached = False
         self.notes: list[str] = []
@@ -92,22 +92,6 @@ class Tracer:
             (off,) = struct.unpack("<q", self.target.read(addr, 8))
             return off or None
         except Exception:
-            return None
-
-    def _landing_pads(self, func_addr: int, func_size: int):
-        """C++ landing pads inside the function (runtime addresses), from the file's
-        .eh_frame/.gcc_except_table; None when its tables could not be parsed."""
-        from uprobe_opt import ehtable
-        obj = self.resolver.find_object(func_addr)
-        if obj is None:
-            return ()
-        path = self.resolver.local_path(obj)
-        lo = func_addr - obj.bias
-        try:
-            if ehtable.unparsed_in(path, lo, lo + func_size):
-                return None
-            return [obj.bias + pad for pad in ehtable.landing_pads_in(path, lo, lo + func_size)]
-        except OSError:
             return None
 
     # -- probes -----------------------------------------------------------------------

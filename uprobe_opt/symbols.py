@@ -558,6 +558,24 @@ class SymbolResolver:
         obj, _ = self._object_for_addr(addr)
         return obj
 
+    def landing_pads(self, func_addr: int, func_size: int) -> list[int] | None:
+        """C++ landing pads inside [func_addr, func_addr+func_size) (absolute addresses
+        in this resolver's address space), from the file's .eh_frame and
+        .gcc_except_table; None when those tables could not be parsed or read (then
+        the pads are unknown, not absent).  The unwinder enters them from outside the
+        function's own branches."""
+        from uprobe_opt import ehtable
+        obj = self.find_object(func_addr)
+        if obj is None:
+            return []
+        path, lo = self.local_path(obj), func_addr - obj.bias
+        try:
+            if ehtable.unparsed_in(path, lo, lo + func_size):
+                return None
+            return [obj.bias + pad for pad in ehtable.landing_pads_in(path, lo, lo + func_size)]
+        except OSError:
+            return None
+
     def local_path(self, obj: LoadedObject) -> str:
         """A path the tracer can open for ``obj``'s file (through /proc/PID/root in pid
         mode, so a target in another mount namespace works)."""
