@@ -223,20 +223,30 @@ def test_emulator_riprel_bug_is_skipped_not_a_mismatch():
     bytes.fromhex("f00fb10df9dfffff"),         # lock cmpxchg [rip-0x2007], ecx
     bytes.fromhex("48813df3dfffff78563412"),   # cmp qword ptr [rip-0x200d], 0x12345678
 ])
-def test_scratch_register_rewrite_far_slot(code):
-    """RIP-relative operands beyond disp32 reach of the slot (scratch-register form)."""
+def test_faulting_riprel_far_slot_refused_then_near_slot_checked(code):
+    """Memory-touching RIP-relative operands beyond disp32 reach of the slot are
+    refused in a detour (a fault inside a scratch rewrite would show wrong registers);
+    the checker then proves them at a slot in reach."""
+    r = relocheck.check_code(code + b"\x90" * 5 + b"\xc3", FUNC, slots=[SLOT_FAR], seed=2)
+    assert "RIPREL_OUT_OF_RANGE" in r.slot_refusals
+    assert r.states == 4 and not r.mismatches, r.mismatches
+
+
+def test_scratch_register_rewrite_far_slot_for_lea():
+    """lea never faults: beyond reach it is relocated through a scratch register."""
+    code = bytes.fromhex("488d05f9dfffff")      # lea rax, [rip-0x2007]
     r = relocheck.check_code(code + b"\x90" * 5 + b"\xc3", FUNC, slots=[SLOT_FAR], seed=2)
     assert r.states == 4 and not r.mismatches and not r.slot_refusals, r.mismatches
 
 
-@pytest.mark.xfail(strict=True, reason="docs/reloc-mismatches.md #1: a fault in a scratch-"
-                   "register rewrite shows the scratch register and rsp-0x88 to the signal "
-                   "handler (kernel uprobes restores it in riprel_post_xol/abort)")
 def test_fault_in_scratch_rewrite_shows_original_registers():
+    """docs/reloc-mismatches.md #1, fixed: a faulting RIP-relative form beyond reach of
+    the slot is refused (a fault inside a scratch-register rewrite would show the
+    scratch register and rsp-0x88 to the signal handler); near slots still work."""
     code = bytes.fromhex("f735fadfffff") + b"\x90" * 5 + b"\xc3"        # div dword ptr [rip-0x2006]
     r = relocheck.check_code(code, FUNC, slots=[SLOT_FAR], seed=1)
-    assert r.states == 4
-    assert not r.mismatches, r.mismatches[0].render()
+    assert "RIPREL_OUT_OF_RANGE" in r.slot_refusals
+    assert r.states == 4 and not r.mismatches
 
 
 @pytest.mark.parametrize("name,code", [

@@ -133,10 +133,14 @@ def test_build_detour_riprel_out_of_range():
     region = can_optimize(code, F, len(code), F)
     r = build_detour(region, F - 0x10000000, HandlerSpec("none"))
     assert r.reason is Reason.RIPREL_OUT_OF_RANGE and r.addr == F
-    code = bytes.fromhex("8b050000f07fc3")          # legacy encoding: scratch register
+    code = bytes.fromhex("8b050000f07fc3")          # a load could fault: refused in a detour
+    region = can_optimize(code, F, len(code), F)
+    r = build_detour(region, F - 0x10000000, HandlerSpec("none"))
+    assert r.reason is Reason.RIPREL_OUT_OF_RANGE
+    code = bytes.fromhex("488d050000f07fc3")        # lea never faults: scratch register
     region = can_optimize(code, F, len(code), F)
     d = build_detour(region, F - 0x10000000, HandlerSpec("none"))
-    assert d.relocated[0][1].startswith("lea rsp, [rsp - 0x80]; push rcx; movabs rcx, 0x80301106")
+    assert d.relocated[0][1].startswith("lea rsp, [rsp - 0x80]; push rcx; movabs rcx, 0x80301107")
 
 
 def test_detour_fields_and_relocated_text():

@@ -108,7 +108,14 @@ class Relocator:
         raw = insn.bytes if raw is None else raw
         off = insn.rip_disp_offset
         if not fits_rel32(self.writer.pc + len(raw), insn.rip_target):
-            if raw is insn.bytes and _scratch_for(insn) is not None:
+            # In a detour region the scratch rewrite is used only for lea, which never
+            # faults: a fault inside the rewrite would show the scratch register and a
+            # moved rsp to the program's signal handler (kernel uprobes repairs that in
+            # riprel_post_xol; we have no hook there), and an optimization can always
+            # be declined.  An XOL copy (the int3 path, only far from the code when no
+            # gap is near) keeps it: there the handler already sees the XOL rip.
+            faultless = insn.mnemonic == "lea" or self.scenario == "xol"
+            if raw is insn.bytes and faultless and _scratch_for(insn) is not None:
                 return self.rewrite_rip_scratch(insn)
             return Refusal(Reason.RIPREL_OUT_OF_RANGE, insn.addr,
                            f"'{insn}' at 0x{insn.addr:x} reaches 0x{insn.rip_target:x}, beyond "
