@@ -15,6 +15,21 @@ if ((${#need_pkgs[@]})); then
     echo "uprobe-opt: please install: ${need_pkgs[*]}" >&2; exit 2
   fi
 fi
+# Real programs traced by tests/test_real_programs.py (which skip without them): optional,
+# installed when we can, never fatal.
+opt_pkgs=()
+[ -x /usr/bin/python3 ] || opt_pkgs+=(python3)
+[ -x /usr/bin/sqlite3 ] || opt_pkgs+=(sqlite3)
+[ -x /usr/bin/redis-server ] || opt_pkgs+=(redis-server)
+if ((${#opt_pkgs[@]})); then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        "${opt_pkgs[@]}" >/dev/null; } ||
+      echo "uprobe-opt: could not install ${opt_pkgs[*]}: their tests will skip" >&2
+  else
+    echo "uprobe-opt: not installed (their tests will skip): ${opt_pkgs[*]}" >&2
+  fi
+fi
 stamp="$VENV/.uprobe-opt-installed"
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
