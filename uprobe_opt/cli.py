@@ -105,10 +105,32 @@ class Output:
         self.file = open(path, "w", buffering=1) if path else sys.stdout
         self.json = as_json
         self.t0 = time.monotonic_ns()
+        self.broken = False
+        self.on_broken = lambda: None
 
     @property
     def is_tty(self) -> bool:
         return self.file.isatty()
+
+    def write(self, text: str) -> None:
+        """Write our output; a reader that went away (``| head``) ends the trace
+        cleanly instead of killing us mid-patch: SIGPIPE is ignored by Python, the
+        BrokenPipeError is caught here and ``on_broken`` asks the tracer to stop."""
+        if self.broken:
+            return
+        try:
+            self.file.write(text)
+        except BrokenPipeError:
+            self.broken = True
+            self.on_broken()
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.file.flush()
+            except BrokenPipeError:
+                self.broken = True
+                self.on_broken()
 
     def hit(self, probe, regs) -> None:
         """A line for one hit seen by a Python pre_handler trap."""
@@ -131,16 +153,16 @@ class Output:
                        "args": list(args)})
         else:
             text = " ".join(f"{a:#x}" for a in args)
-            self.file.write(f"{(t_ns - self.t0) / 1e9:12.6f} {tid:>7} {spec}  {text}\n")
+            self.write(f"{(t_ns - self.t0) / 1e9:12.6f} {tid:>7} {spec}  {text}\n")
 
     def emit(self, obj: dict) -> None:
-        self.file.write(json.dumps(obj) + "\n")
+        self.write(json.dumps(obj) + "\n")
 
     def note(self, msg: str) -> None:
         if self.json:
             self.emit({"event": "note", "message": msg})
         else:
-            self.file.write(f"uprobe-opt: {msg}\n")
+            self.write(f"uprobe-opt: {msg}\n")
 
     def summary(self, rows: list[dict]) -> None:
         if self.json:
@@ -153,20 +175,26 @@ class Output:
         for row in table:
             cells = [row[i].ljust(widths[i]) if i in (0, 1, 2) else row[i].rjust(widths[i])
                      for i in range(5)]
-            self.file.write("  ".join(cells + [row[5]]).rstrip() + "\n")
+            self.write("  ".join(cells + [row[5]]).rstrip() + "\n")
 
     def status(self, text: str) -> None:
-        self.file.write("\r" + text.ljust(70))
-        self.file.flush()
+        self.write("\r" + text.ljust(70))
+        self.flush()
 
     def end_status(self) -> None:
-        self.file.write("\r" + " " * 70 + "\r")
+        self.write("\r" + " " * 70 + "\r")
 
     def close(self) -> None:
         if self.file is not sys.stdout:
             self.file.close()
-        else:
-            self.file.flush()
+            return
+        self.flush()
+        if self.broken:
+            # Nobody reads stdout any more: point it at /dev/null so the interpreter's
+            # final flush does not raise again at exit.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
 
 def load_python_handler(spec: str):
@@ -251,10 +279,11 @@ def cmd_trace(ap, args) -> int:
                       else Tracer.spawn(args.command, **kw))
             sink.tracer = tracer
             stop.tracer = tracer
+            out.on_broken = tracer.request_stop
             code = _trace_session(tracer, args, out, pre, sink)
         if tracer.exec_seen and args.pid is None:
             code = _wait_child(tracer.pid)
-        return code
+        return 128 + signal.SIGPIPE if out.broken else code
     finally:
         out.close()
 
@@ -347,8 +376,8 @@ def _print_hists(out: Output, tracer, sink: RecordSink) -> None:
                 out.emit({"event": "hist", "probe": probe.spec, "arg": sink.hist_arg,
                           "buckets": hist.buckets()})
             else:
-                out.file.write(f"@{probe.spec}[arg{sink.hist_arg}]:\n")
-                out.file.write(hist.render() + "\n")
+                out.write(f"@{probe.spec}[arg{sink.hist_arg}]:\n")
+                out.write(hist.render() + "\n")
 
 
 def _child_status(tracer) -> int:

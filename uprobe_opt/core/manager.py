@@ -601,6 +601,8 @@ class ProbeManager:
             self._rewind = False
         if self.exited or self.exec_seen:
             return []
+        for probe in self.probes:
+            probe.final_state = probe.state          # what it was while attached
         self.restore_all()
         notes = self.release_areas()
         for _ in range(20):

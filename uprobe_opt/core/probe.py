@@ -90,6 +90,7 @@ class Probe:
         self.registered = True
         self.nerrors = 0            # exceptions raised by pre_handler
         self.nargs = 6              # argument registers a record captures (0-6)
+        self.final_state: ProbeState | None = None   # state when the tracer detached
         self._hits = 0              # hits seen by the tracer (int3 path, detour traps)
         self._frozen = [0, 0]       # in-process [hits, missed] while previously enabled
         self._snap = [0, 0]         # site [hits, missed] counters when last enabled
@@ -105,6 +106,9 @@ class Probe:
 
     @property
     def state(self) -> ProbeState:
+        """The probe's state; after detach, the state it had while attached."""
+        if self.final_state is not None:
+            return self.final_state
         if self.is_gone:
             return ProbeState.GONE
         if not self.enabled:
