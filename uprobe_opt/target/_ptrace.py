@@ -28,6 +28,9 @@ PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_LISTEN = 0x4208
 PTRACE_EVENT_STOP = 128
+PTRACE_SETSIGINFO = 0x4203
+PTRACE_GETSIGMASK = 0x420a
+PTRACE_SETSIGMASK = 0x420b
 PTRACE_O_EXITKILL = 0x100000
 NT_X86_XSTATE = 0x202
 SI_KERNEL = 0x80          # si_code of a SIGTRAP raised by int3 (#BP), see man 2 sigaction
@@ -40,7 +43,9 @@ _NAMES = {PTRACE_SEIZE: "SEIZE", PTRACE_INTERRUPT: "INTERRUPT", PTRACE_LISTEN: "
           PTRACE_CONT: "CONT", PTRACE_SINGLESTEP: "SINGLESTEP", PTRACE_DETACH: "DETACH",
           PTRACE_GETREGS: "GETREGS", PTRACE_SETREGS: "SETREGS",
           PTRACE_GETREGSET: "GETREGSET", PTRACE_GETSIGINFO: "GETSIGINFO",
-          PTRACE_GETEVENTMSG: "GETEVENTMSG", PTRACE_SETOPTIONS: "SETOPTIONS"}
+          PTRACE_GETEVENTMSG: "GETEVENTMSG", PTRACE_SETOPTIONS: "SETOPTIONS",
+          PTRACE_SETSIGINFO: "SETSIGINFO", PTRACE_GETSIGMASK: "GETSIGMASK",
+          PTRACE_SETSIGMASK: "SETSIGMASK"}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _ptrace = _libc.ptrace
@@ -121,6 +126,25 @@ def getsiginfo(tid: int) -> siginfo:
     info = siginfo()
     _call(PTRACE_GETSIGINFO, tid, None, ctypes.addressof(info))
     return info
+
+
+def setsiginfo(tid: int, info: siginfo) -> None:
+    """Replace the siginfo of the current signal-delivery-stop: a later CONT with the
+    same signal number delivers it with this siginfo (kernel ptrace_signal)."""
+    _call(PTRACE_SETSIGINFO, tid, None, ctypes.addressof(info))
+
+
+def getsigmask(tid: int) -> int:
+    """The thread's blocked-signal mask (bit N-1 = signal N)."""
+    mask = ctypes.c_uint64()
+    _call(PTRACE_GETSIGMASK, tid, 8, ctypes.addressof(mask))
+    return mask.value
+
+
+def setsigmask(tid: int, mask: int) -> None:
+    """Set the thread's blocked-signal mask (the kernel never blocks KILL/STOP)."""
+    value = ctypes.c_uint64(mask)
+    _call(PTRACE_SETSIGMASK, tid, 8, ctypes.addressof(value))
 
 
 def geteventmsg(tid: int) -> int:

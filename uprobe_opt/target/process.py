@@ -978,20 +978,42 @@ class Target:
         self._check_image()
         gadget = self._syscall_gadget()
         saved = pt.getregs(t.tid)
+        info = self._stop_siginfo(t)
+        mask = pt.getsigmask(t.tid)
         regs = pt.user_regs_struct.from_buffer_copy(saved)
         regs.rax, regs.orig_rax, regs.rip = nr, _U64, gadget   # orig_rax=-1: no restart
         for name, value in zip(_ARG_REGS, args):
             setattr(regs, name, value & _U64)
         pt.setregs(t.tid, regs)
+        # Signals stay queued in the kernel while we step (their order and siginfo
+        # intact): all blocked but SIGTRAP, which the step itself raises (blocking a
+        # forced SIGTRAP would reset the program's SIGTRAP handler to SIG_DFL).
+        pt.setsigmask(t.tid, _U64 & ~(1 << (signal.SIGTRAP - 1)))
         try:
             self._step_to(t, gadget + 2)
             result = pt.getregs(t.tid).rax
         finally:
             if t.tid in self._threads:
                 pt.setregs(t.tid, saved)
+                pt.setsigmask(t.tid, mask)
+                if info is not None:
+                    # The stop we interrupted delivers its signal (t.sigs[0]) on resume,
+                    # now from the step's stop: with its own siginfo (si_value, ...).
+                    pt.setsiginfo(t.tid, info)
                 if t.group_stop:
                     self._back_to_group_stop(t)
         return _signed(result)
+
+    @staticmethod
+    def _stop_siginfo(t: _Thread):
+        """siginfo of the signal-delivery-stop ``t`` sits in with a signal to deliver
+        (None otherwise: nothing to preserve)."""
+        if not t.sigs and not t.held:
+            return None
+        try:
+            return pt.getsiginfo(t.tid)
+        except pt.PtraceOSError:
+            return None                    # a group-stop: no siginfo
 
     def _back_to_group_stop(self, t: _Thread) -> None:
         """After a step the thread sits in a SIGTRAP signal-delivery-stop, where LISTEN
