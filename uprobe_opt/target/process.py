@@ -90,6 +90,7 @@ class _Thread:
     zombie: bool = False           # exited leader waiting for its threads (pthread_exit)
     vfork_child: int | None = None  # blocked in vfork() until that child execs/exits
     trap_rip: int | None = None    # rip when the held TrapEvent was reported
+    regs: object = None            # registers read at this stop (valid until it resumes)
     sigs: list[int] = field(default_factory=list)
 
 
@@ -621,7 +622,7 @@ class Target:
         except pt.PtraceOSError as exc:
             if not _esrch(exc):
                 raise
-        t.stopped, t.trap_rip = False, None
+        t.stopped, t.trap_rip, t.regs = False, None, None
         self._resend(t)
 
     def _listen(self, t: _Thread) -> None:
@@ -776,7 +777,8 @@ class Target:
         re-injected unchanged, at once or on resume if we are keeping threads stopped."""
         if sig == signal.SIGTRAP and self._is_int3(t):
             t.held = True
-            t.trap_rip = pt.getregs(t.tid).rip
+            t.regs = pt.getregs(t.tid)
+            t.trap_rip = t.regs.rip
             self._events.append(TrapEvent(t.tid))
         elif self._all_stopped:
             t.sigs.append(sig)
@@ -933,13 +935,21 @@ class Target:
 
     @_boundary
     def get_regs(self, tid: int) -> pt.user_regs_struct:
-        """General registers of stopped thread ``tid`` (a fresh copy)."""
-        return pt.getregs(self._stopped_thread(tid).tid)
+        """General registers of stopped thread ``tid`` (a fresh copy; read once per
+        stop: a thread's registers cannot change while it stays stopped, except by
+        set_regs, which updates the copy we keep)."""
+        t = self._stopped_thread(tid)
+        if t.regs is None:
+            t.regs = pt.getregs(t.tid)
+        return pt.user_regs_struct.from_buffer_copy(t.regs)
 
     @_boundary
     def set_regs(self, tid: int, regs: pt.user_regs_struct) -> None:
         """Set the general registers of stopped thread ``tid``."""
-        pt.setregs(self._stopped_thread(tid).tid, regs)
+        t = self._stopped_thread(tid)
+        t.regs = None
+        pt.setregs(t.tid, regs)
+        t.regs = pt.user_regs_struct.from_buffer_copy(regs)
 
     @_boundary
     def get_xstate(self, tid: int) -> bytes:
