@@ -181,9 +181,12 @@ def test_cli_python_handler(c_target, tmp_path):
 
 def test_explain_binary_json(c_target):
     exe = c_target("loop")
-    res = run_cli("explain", exe, "work", "work+4", "--json")
+    res = run_cli("explain", exe, "work", "main", "--json")
     assert res.returncode == 0, res.stderr
     a, b = (json.loads(l) for l in res.stdout.splitlines())
     assert a["optimizable"] is True and a["reason"] is None
     assert [i["insn"] for i in a["region"]][0].startswith("movsxd")
-    assert b["optimizable"] is False and "is inside" in b["reason"]
+    assert b["probe"] == "main" and b["function"]["addr"] == b["address"]
+    bad = run_cli("explain", exe, "work+4")                 # not a probe site: bad input
+    assert bad.returncode == 2 and "is inside" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1

@@ -258,3 +258,39 @@ def test_real_python3_getpid_count(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_cli_spawn_duration_waits_for_the_program_and_returns_its_status(c_target, tmp_path):
+    """Tracing ends before the program: we detach, it runs on untraced to its end, and
+    our exit status is still the program's."""
+    src = tmp_path / "slow.c"
+    src.write_text('#include <stdio.h>\n#include <unistd.h>\n'
+                   '__attribute__((noipa)) int f(int x){return x+1;}\n'
+                   'int main(){int s=0; for(int i=0;i<30;i++){s+=f(i); usleep(20000);}\n'
+                   'printf("s=%d\\n", s); return 9;}\n')
+    exe = c_target(src)
+    res = run_cli("trace", "f", "--handler", "count", "--duration", "0.2", "-o",
+                  tmp_path / "log", "--", exe)
+    assert res.returncode == 9
+    assert res.stdout == "s=465\n"
+    row = (tmp_path / "log").read_text().splitlines()[1].split()
+    assert row[0] == "f" and row[2] == "int3" and 0 < int(row[3]) < 30   # summary printed
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--duration", "nan"], "--duration must be a positive number"),
+    (["--buffer-size", "100G"], "too large"),
+    (["-o", "/nonexistent/dir/f"], "No such file or directory"),
+    (["--args", "9"], "--args must be 0..6"),
+])
+def test_cli_bad_options_exit_2(sleeper, args, message):
+    before = exec_mappings(sleeper.pid)
+    res = run_cli("trace", "-p", sleeper.pid, "tick", *args)
+    assert res.returncode == 2 and message in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert exec_mappings(sleeper.pid) == before
+
+
+def test_kernel_thread_pid_exit_2():
+    res = run_cli("trace", "-p", "2", "work", "--duration", "1")
+    assert res.returncode == 2 and "kernel thread" in res.stderr

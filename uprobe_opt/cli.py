@@ -44,8 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--hist", metavar="argN",
                     help="at the end, a log2 histogram of argument N per probe")
     tr.add_argument("--buffer-size", metavar="BYTES", default="8M",
-                    help="record ring buffer size (suffix K, M or G; default 8M: 65,536 "
-                         "records of 80 bytes); a full buffer drops records (nmissed)")
+                    help="record ring buffer size, at most 1G (suffix K, M or G; default "
+                         "8M; records are 80 bytes and their number is rounded down to a "
+                         "power of two: 8M holds 65,536); a full buffer drops records "
+                         "(counted in nmissed)")
     tr.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     tr.add_argument("--json", action="store_true", help="JSON lines output")
     tr.add_argument("-o", "--output", metavar="FILE", help="write our output to FILE")
@@ -76,9 +78,9 @@ def _split_command(argv: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, command = _split_command(argv)
-    ap = build_parser()
-    args = ap.parse_args(ours)
     try:
+        ap = build_parser()
+        args = ap.parse_args(ours)
         if args.cmd == "trace":
             args.command = command
             return cmd_trace(ap, args)
@@ -98,11 +100,20 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
+def _open_output(path: str):
+    """-o FILE for writing; UsageError (exit 2) naming the problem."""
+    from uprobe_opt.errors import UsageError
+    try:
+        return open(path, "w", buffering=1)
+    except OSError as e:
+        raise UsageError(f"-o {path}: {e.strerror}") from None
+
+
 class Output:
     """Where our own lines go (stdout, or -o FILE so a spawned program owns stdout)."""
 
     def __init__(self, path: str | None, as_json: bool):
-        self.file = open(path, "w", buffering=1) if path else sys.stdout
+        self.file = _open_output(path) if path else sys.stdout
         self.json = as_json
         self.t0 = time.monotonic_ns()
         self.broken = False
@@ -186,7 +197,10 @@ class Output:
 
     def close(self) -> None:
         if self.file is not sys.stdout:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError as e:
+                print(f"uprobe-opt: writing {self.file.name}: {e.strerror}", file=sys.stderr)
             return
         self.flush()
         if self.broken:
@@ -209,7 +223,7 @@ def load_python_handler(spec: str):
     module = importlib.util.module_from_spec(mod_spec)
     try:
         mod_spec.loader.exec_module(module)
-    except Exception as e:
+    except (Exception, SystemExit) as e:
         raise UsageError(f"--python: {path} failed to load: {e!r}") from None
     fn = getattr(module, func, None)
     if not callable(fn):
@@ -229,7 +243,29 @@ def parse_size(text: str) -> int:
         raise UsageError(f"--buffer-size: not a size: {text!r} (e.g. 4M)") from None
     if value < 4096 + 16 * 80:
         raise UsageError(f"--buffer-size {text} is too small (at least 8K)")
+    if value > MAX_BUFFER:
+        raise UsageError(f"--buffer-size {text} is too large (at most 1G)")
+    avail = _mem_available()
+    if avail is not None and value > avail // 4:
+        raise UsageError(f"--buffer-size {text} is more than a quarter of the memory "
+                         f"available ({avail >> 20} MiB): the ring lives in shared memory "
+                         "of both the tracer and the target")
     return value
+
+
+MAX_BUFFER = 1 << 30
+
+
+def _mem_available() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def parse_hist(text: str | None) -> int | None:
@@ -251,8 +287,8 @@ def _validate(ap, args) -> None:
         raise UsageError("--handler python needs --python FILE:FUNCTION")
     if args.python and args.handler != "python":
         raise UsageError("--python needs --handler python")
-    if args.duration is not None and args.duration <= 0:
-        raise UsageError("--duration must be positive")
+    if args.duration is not None and not (0 < args.duration < float("inf")):
+        raise UsageError("--duration must be a positive number of seconds")
     if not 0 <= args.args <= 6:
         raise UsageError("--args must be 0..6")
     args.hist_arg = parse_hist(args.hist)
@@ -281,8 +317,8 @@ def cmd_trace(ap, args) -> int:
             stop.tracer = tracer
             out.on_broken = tracer.request_stop
             code = _trace_session(tracer, args, out, pre, sink)
-        if tracer.exec_seen and args.pid is None:
-            code = _wait_child(tracer.pid)
+        if args.pid is None:
+            code = _spawned_status(tracer)
         return 128 + signal.SIGPIPE if out.broken else code
     finally:
         out.close()
@@ -405,15 +441,27 @@ def _target_died(tracer, timeout: float = 2.0) -> bool:
     return tracer.exited
 
 
-def _wait_child(pid: int) -> int:
-    """Spawn mode after an exec: we detached, the new program runs on untouched; our
-    status is still the program's (Ctrl-C stops waiting: 130)."""
+def _spawned_status(tracer) -> int:
+    """Spawn mode: our exit status is the program's.  If tracing ended first (an exec,
+    --duration, Ctrl-C, SIGTERM) we have detached and the program runs on untraced: we
+    wait for it, passing SIGINT/SIGTERM on to it, like a shell running it."""
+    if tracer.exited:
+        return _child_status(tracer)
+    pid = tracer.pid
+
+    def forward(signum, frame):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         _, status = os.waitpid(pid, 0)
-    except KeyboardInterrupt:
-        return 130
     except ChildProcessError:
         return 0
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code
 

@@ -13,7 +13,7 @@ import sys
 
 from uprobe_opt.core.arch import load_arch
 from uprobe_opt.core.detour import AREA_SIZE, NoDetourSpace, find_gap
-from uprobe_opt.errors import UsageError
+from uprobe_opt.errors import SymbolError, UsageError
 from uprobe_opt.symbols import SymbolResolver
 
 
@@ -31,8 +31,8 @@ def explain_site(resolver: SymbolResolver, spec: str, maps=None) -> dict:
     code = resolver.read_code(site.func_addr, site.func_size)
     refusal = arch.check_boundary(code, site.func_addr, site.addr)
     if refusal is not None:
-        out["reason"] = str(refusal)
-        return out
+        # Not a probe site at all (trace refuses it the same way): bad input.
+        raise SymbolError(f"{spec}: {refusal}", addr=site.addr)
     addr = site.addr
     if addr == site.func_addr:
         addr = arch.adjust_addr(code, site.func_addr, addr)
@@ -76,6 +76,8 @@ def _slot_for(addr: int, maps) -> tuple[int | None, str]:
 def cmd_explain(args) -> int:
     items = list(args.items)
     if args.pid is not None:
+        from uprobe_opt.target.process import check_user_process
+        check_user_process(args.pid)
         resolver = SymbolResolver(pid=args.pid)
         from uprobe_opt.target.maps import read_maps
         maps = read_maps(args.pid)

@@ -74,7 +74,8 @@ class Tracer:
               env=None, cwd=None, **kw) -> "Tracer":
         """Start ``argv`` traced, held at its entry point (AT_ENTRY) with its libraries
         mapped.  stdin/stdout/stderr are file descriptors (int) or None to inherit."""
-        target = Target.spawn(list(argv), stdin=stdin, stdout=stdout, stderr=stderr,
+        target = Target.spawn([os.fspath(a) for a in argv], stdin=stdin, stdout=stdout,
+                              stderr=stderr,
                               env=env, cwd=cwd)
         try:
             return cls(target, **kw)

@@ -65,6 +65,7 @@ class ProbeManager:
         self.exec_seen = False
         self._exec_count = getattr(target, "exec_count", 0)
         self._rewind = False
+        self._warned_rip = False
         target.fork_hook = self.on_fork
         arch.shadow_stack = _uses_shadow_stack(target.pid)
 
@@ -513,6 +514,11 @@ class ProbeManager:
         values.update(frame)
         values["rip"] = site.addr
         view = self._run_handlers(site, tid, values)
+        if view is not None and view.dirty & {"rip", "rsp"} and not self._warned_rip:
+            self._warned_rip = True
+            self.log(f"a pre_handler at {site.addr:#x} wrote rip/rsp on the optimized "
+                     "path: ignored there (as kprobes' optprobes do); use --no-optimize "
+                     "to redirect execution")
         if view is not None and view.dirty - {"rip", "rsp"}:
             new = dict(frame)
             new.update({k: v for k, v in view.as_dict().items() if k in frame
@@ -534,7 +540,9 @@ class ProbeManager:
             except Exception:
                 probe.nerrors += 1
                 if probe.nerrors <= 3:
-                    self.log(f"uprobe-opt: pre_handler of {probe.spec} raised:\n"
+                    more = " (further errors of this handler are only counted)" \
+                        if probe.nerrors == 3 else ""
+                    self.log(f"pre_handler of {probe.spec} raised{more}:\n"
                              + traceback.format_exc().rstrip())
         return view
 

@@ -170,6 +170,30 @@ def _denied_message(pid: int) -> str:
             f"(currently {_ptrace_scope()})")
 
 
+def _is_kernel_thread(pid: int, st: dict[str, str]) -> bool:
+    """Kernel threads have no memory map (no VmSize line; PF_KTHREAD in /proc/PID/stat
+    flags, include/linux/sched.h)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            flags = int(f.read().rsplit(")", 1)[1].split()[6])
+        return bool(flags & 0x00200000)
+    except (OSError, ValueError, IndexError):
+        return "VmSize" not in st
+
+
+def check_user_process(pid: int) -> None:
+    """ProcessGone/UsageError unless ``pid`` is a live user-space process (not a
+    thread id, a zombie or a kernel thread).  For tools that only read /proc."""
+    st = _read_status(f"/proc/{pid}/status") if pid > 0 else None
+    if st is None:
+        raise ProcessGone(f"no process with pid {pid}", pid=pid)
+    if st["State"][0] in "ZX" and len(_list_tasks(pid)) <= 1:
+        raise ProcessGone(f"process {pid} is a zombie (already exited)", pid=pid)
+    if _is_kernel_thread(pid, st):
+        raise UsageError(f"process {pid} ({st.get('Name', '?')}) is a kernel thread: it "
+                         "has no user-space code to probe", pid=pid)
+
+
 def _check_attachable(pid: int) -> None:
     """Raise before touching anything if ``pid`` cannot be attached."""
     if pid == os.getpid():
@@ -182,6 +206,9 @@ def _check_attachable(pid: int) -> None:
                          pid=pid)
     if st["State"][0] in "ZX" and len(_list_tasks(pid)) <= 1:
         raise ProcessGone(f"process {pid} is a zombie (already exited)", pid=pid)
+    if _is_kernel_thread(pid, st):
+        raise UsageError(f"process {pid} ({st.get('Name', '?')}) is a kernel thread: it "
+                         "has no user-space code to probe", pid=pid)
     tracer = int(st["TracerPid"])
     if tracer:
         tst = _read_status(f"/proc/{tracer}/status") or {"Name": "?"}
