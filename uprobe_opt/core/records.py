@@ -11,6 +11,7 @@ order it hits, and the ring is drained before an int3-path record is added.
 from __future__ import annotations
 
 import struct
+import time
 
 import numpy as np
 
@@ -98,6 +99,7 @@ class Records:
         self.threads = ThreadNames(manager.target)
         manager.target.thread_hook = self.threads.learn_thread
         self.pending: list[np.ndarray] = []
+        self._trap_rows: list[tuple] = []
         self.nrecords = 0
 
     def ensure_ring(self, near: int) -> RingBuffer:
@@ -117,26 +119,33 @@ class Records:
         return self.ring
 
     def add_trap_record(self, site, values: dict, tid: int) -> None:
-        """A record for a hit the tracer saw (int3 path or a Python-handler trap)."""
-        self.ensure_clock()
-        self.drain()                 # keep per-thread order: ring records first
-        rec = np.zeros(1, dtype=HIT_DTYPE)
-        rec["site"] = site.id
-        rec["nargs"] = max(p.nargs for p in site.enabled_probes())
-        tsc = self.clock.now_tsc()
-        self.clock.update()              # so tsc converts by interpolation
-        rec["time_ns"] = self.clock.to_ns(tsc)
-        rec["tid"] = tid
-        rec["args"][0] = [values[r] for r in ARG_REGS]
-        self.pending.append(rec)
+        """A record for a hit the tracer saw (int3 path or a Python-handler trap).
+        Kept as a tuple until the next drain (one conversion per batch)."""
+        if self.ring is not None and self.ring.pending():
+            self.drain()             # keep per-thread order: earlier ring records first
+        nargs = max(p.nargs for p in site.enabled_probes())
+        # The tracer reads CLOCK_MONOTONIC itself (the thread is stopped right at the
+        # hit); ring records get the same clock through the TSC fit.
+        self._trap_rows.append((site.id, nargs, time.monotonic_ns(), tid,
+                                tuple(values[r] for r in ARG_REGS)))
         self.nrecords += 1
 
-    def ensure_clock(self) -> None:
-        if self.clock is None:
-            self.clock = TscClock()
+    def _flush_trap_rows(self) -> None:
+        rows, self._trap_rows = self._trap_rows, []
+        if not rows:
+            return
+        out = np.empty(len(rows), dtype=HIT_DTYPE)
+        out["site"] = [r[0] for r in rows]
+        out["nargs"] = [r[1] for r in rows]
+        out["time_ns"] = [r[2] for r in rows]
+        out["tid"] = [r[3] for r in rows]
+        out["args"] = [r[4] for r in rows]
+        self.pending.append(out)
 
     def drain(self) -> None:
-        """Move committed ring records into ``pending`` (converted)."""
+        """Move committed ring records (after the tracer's own, which came first) into
+        ``pending``, converted."""
+        self._flush_trap_rows()
         if self.ring is None:
             return
         raw = self.ring.drain()

@@ -40,9 +40,11 @@ class TscClock:
     batches."""
 
     def __init__(self, warmup: float = 0.02):
+        import numpy as np
         self.rdtsc = _make_rdtsc()
-        self.tscs: list[int] = []
-        self.nss: list[int] = []
+        self._xs = np.zeros(64, dtype=np.float64)     # measured pairs, grown by doubling
+        self._ys = np.zeros(64, dtype=np.float64)
+        self.n = 0
         self._add(*self._pair())
         time.sleep(warmup)
         self.update()
@@ -55,9 +57,14 @@ class TscClock:
         return (a + b) // 2, ns
 
     def _add(self, tsc: int, ns: int) -> None:
-        if not self.tscs or (tsc > self.tscs[-1] and ns > self.nss[-1]):
-            self.tscs.append(tsc)
-            self.nss.append(ns)
+        import numpy as np
+        if self.n and not (tsc > self._xs[self.n - 1] and ns > self._ys[self.n - 1]):
+            return
+        if self.n == len(self._xs):
+            self._xs = np.concatenate([self._xs, np.zeros_like(self._xs)])
+            self._ys = np.concatenate([self._ys, np.zeros_like(self._ys)])
+        self._xs[self.n], self._ys[self.n] = tsc, ns
+        self.n += 1
 
     def update(self) -> None:
         """Measure a fresh pair: every TSC read before this call now converts by
@@ -67,16 +74,15 @@ class TscClock:
     @property
     def slope(self) -> float:
         """ns per TSC tick over the whole run so far."""
-        if len(self.tscs) < 2:
+        if self.n < 2:
             return 1.0
-        return (self.nss[-1] - self.nss[0]) / (self.tscs[-1] - self.tscs[0])
+        return (self._ys[self.n - 1] - self._ys[0]) / (self._xs[self.n - 1] - self._xs[0])
 
     def to_ns(self, tsc):
         """TSC value(s) (int or numpy uint64 array) -> CLOCK_MONOTONIC ns (int64)."""
         import numpy as np
         arr = np.atleast_1d(np.asarray(tsc, dtype=np.uint64)).astype(np.float64)
-        xs = np.asarray(self.tscs, dtype=np.float64)
-        ys = np.asarray(self.nss, dtype=np.float64)
+        xs, ys = self._xs[:self.n], self._ys[:self.n]
         out = np.interp(arr, xs, ys)
         slope = self.slope
         hi, lo = arr > xs[-1], arr < xs[0]
