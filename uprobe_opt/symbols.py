@@ -40,7 +40,8 @@ from typing import Callable, BinaryIO, Iterator
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from .errors import SymbolError
+from .errors import ProbeError, SymbolError
+from .target.maps import Mapping as _Mapping, read_maps
 
 __all__ = ["ProbeSpec", "Site", "LoadedObject", "SymbolResolver", "parse_spec",
            "SPEC_FORMS"]
@@ -313,36 +314,13 @@ def _elf_data(path: str, st: os.stat_result, opener: Callable[[], BinaryIO]) -> 
 # ---------------------------------------------------------------------------------------
 # Loaded objects and the resolver
 
-@dataclass(frozen=True)
-class _Mapping:
-    start: int
-    end: int
-    perms: str
-    offset: int
-    inode: int
-    path: str | None
-
-    @property
-    def is_exec(self) -> bool:
-        return "x" in self.perms
-
-
 def _read_maps(pid: int) -> list[_Mapping]:
-    out = []
+    """The target's mappings (uprobe_opt.target.maps), with /proc errors as SymbolError:
+    the resolver is also used without a tracer (``explain -p``)."""
     try:
-        with open(f"/proc/{pid}/maps") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise SymbolError(f"process {pid} does not exist", pid=pid) from None
-    except PermissionError:
-        raise SymbolError(f"cannot read /proc/{pid}/maps (permission denied)",
-                          pid=pid) from None
-    for line in lines:
-        parts = line.split(None, 5)
-        start, end = (int(x, 16) for x in parts[0].split("-"))
-        path = parts[5] if len(parts) > 5 else None
-        out.append(_Mapping(start, end, parts[1], int(parts[2], 16), int(parts[4]), path))
-    return out
+        return read_maps(pid)
+    except ProbeError as e:
+        raise SymbolError(str(e), pid=pid) from None
 
 
 @dataclass
