@@ -27,8 +27,8 @@ from typing import Callable, Iterable, Sequence
 
 from uprobe_opt.core.arch import load_arch
 from uprobe_opt.core.manager import RETRY_DELAY, ProbeManager
-from uprobe_opt.core.probe import Probe, ProbeState
-from uprobe_opt.errors import ProcessGone, TargetError, UsageError
+from uprobe_opt.core.probe import Probe
+from uprobe_opt.errors import ProcessGone, UsageError
 from uprobe_opt.symbols import SymbolResolver
 from uprobe_opt.target import Target
 

@@ -25,12 +25,12 @@ import numpy as np
 import sys
 import time
 import traceback
-from typing import Callable, Iterable
+from typing import Callable
 
 from uprobe_opt.core.detour import DetourPool, NoDetourSpace
 from uprobe_opt.core.probe import HANDLER_KINDS, Probe, Site, site_counts
 from uprobe_opt.core.regs import GPR_NAMES, Regs
-from uprobe_opt.errors import (ProbeError, ProcessGone, SymbolError, TargetError,
+from uprobe_opt.errors import (ProcessGone, SymbolError, TargetError,
                               UsageError)
 
 STACK_SCAN_LIMIT = 256 * 1024   # bytes of each thread's live stack scanned at quiescence

@@ -23,7 +23,6 @@ calls a function aligns itself, e.g. ``mov rbx, rsp; and rsp, -16; call f; mov r
 """
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 from .analysis import Region
