@@ -661,7 +661,7 @@ class Target:
             if exc.errno != errno.EIO:         # EIO: not in an EVENT_STOP any more
                 raise
             pt.cont(t.tid, 0)
-        t.stopped = False
+        t.stopped, t.regs = False, None
 
     def _resend(self, t: _Thread) -> None:
         """Signals beyond the one CONT can deliver are re-sent to the thread."""
@@ -760,6 +760,7 @@ class Target:
             return
         was_new = t.new
         t.stopped, t.new = True, False
+        t.regs = None                     # a new stop: registers may have changed
         if was_new and self.thread_hook is not None:
             self._call_thread_hook(t)
         sig, event = os.WSTOPSIG(status), status >> 16
@@ -1105,7 +1106,7 @@ class Target:
         are kept for re-injection on resume; stray INTERRUPT stops are stepped over."""
         for _ in range(1000):
             pt.singlestep(t.tid)
-            t.stopped = False
+            t.stopped, t.regs = False, None
             _, status = os.waitpid(t.tid, pt.WALL)
             if not os.WIFSTOPPED(status):
                 self._dispatch(t.tid, status)
