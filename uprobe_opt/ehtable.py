@@ -78,38 +78,30 @@ _FIXED = {0x02: ("<H", 2), 0x03: ("<I", 4), 0x04: ("<Q", 8),
           0x0A: ("<h", 2), 0x0B: ("<i", 4), 0x0C: ("<q", 8), 0x00: ("<Q", 8)}
 
 
-def _uleb(buf: bytes, pos: int) -> tuple[int, int]:
+def _leb128(buf: bytes, pos: int, signed: bool) -> tuple[int, int]:
+    """(value, next position) of the LEB128 number at ``pos`` (DWARF 5, 7.6)."""
     result = shift = 0
-    n = len(buf)
     while True:
-        if pos >= n:
-            raise LsdaError("truncated uleb128")
+        if pos >= len(buf):
+            raise LsdaError("truncated leb128")
         b = buf[pos]
         pos += 1
         result |= (b & 0x7F) << shift
         shift += 7
         if not b & 0x80:
-            return result, pos
-        if shift > 70:
-            raise LsdaError("uleb128 too long")
-
-
-def _sleb(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    n = len(buf)
-    while True:
-        if pos >= n:
-            raise LsdaError("truncated sleb128")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            if b & 0x40:
+            if signed and b & 0x40:
                 result -= 1 << shift
             return result, pos
         if shift > 70:
-            raise LsdaError("sleb128 too long")
+            raise LsdaError("leb128 too long")
+
+
+def _uleb(buf: bytes, pos: int) -> tuple[int, int]:
+    return _leb128(buf, pos, False)
+
+
+def _sleb(buf: bytes, pos: int) -> tuple[int, int]:
+    return _leb128(buf, pos, True)
 
 
 def _read_encoded(buf: bytes, pos: int, enc: int, base_vaddr: int, func_start: int,
