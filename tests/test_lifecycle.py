@@ -176,14 +176,16 @@ static int mode_after(long iters)
     return 5;
 }
 
-/* ---- reexec N DELAY_US: 100 calls, exec ourselves N times, then hold like "after" */
+/* ---- reexec N DELAY_US: 100 calls, exec ourselves N times (or until the file named by
+ * $LC_REEXEC_STOP exists), then hold like "after" */
 static int mode_reexec(long n, long delay_us)
 {
     long sum = 0;
     for (long i = 0; i < 100; i++)
         sum += probed(i, 1);
     usleep(delay_us);
-    if (n <= 0)
+    const char *stop = getenv("LC_REEXEC_STOP");
+    if (n <= 0 || (stop && access(stop, F_OK) == 0))
         return mode_after(100);
     char a[32], b[32];
     snprintf(a, sizeof a, "%ld", n - 1);
@@ -399,9 +401,10 @@ class Proc:
     """An untraced child with pipes; stdout read without blocking (never waited for
     while one of our tracers is attached)."""
 
-    def __init__(self, argv):
+    def __init__(self, argv, env=None):
         self.p = subprocess.Popen([str(a) for a in argv], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE)
+                                  stdout=subprocess.PIPE,
+                                  env=None if env is None else {**os.environ, **env})
         self.pid = self.p.pid
         os.set_blocking(self.p.stdout.fileno(), False)
         self.out = ""
@@ -449,8 +452,8 @@ class Proc:
 def procs():
     started: list[Proc] = []
 
-    def start(*argv) -> Proc:
-        proc = Proc(argv)
+    def start(*argv, env=None) -> Proc:
+        proc = Proc(argv, env)
         started.append(proc)
         return proc
     yield start
@@ -632,19 +635,24 @@ def test_exec_probes_gone_new_image_untouched(lc, tmp_path, from_thread, handler
         assert int(row[3]) == 1000
 
 
-def test_exec_races_attach_and_optimize(lc, procs):
+def test_exec_races_attach_and_optimize(lc, procs, tmp_path):
     """A non-PIE program re-executing itself every few ms, attached at random moments:
     whenever the exec lands (during the attach, the arming, the optimizer or the run)
     no byte of any new image is written; the program ends normally."""
     rnd = random.Random(6)
-    for _ in range(4):
-        prog = procs(lc.nopie, "reexec", 150, 4000)
+    for i in range(4):
+        # The program re-executes until told to stop, never for a fixed count: on a
+        # loaded machine the tracer may start late, and attached after the last exec
+        # it would rightly trace an idle program forever.
+        stop = tmp_path / f"stop{i}"
+        prog = procs(lc.nopie, "reexec", 1_000_000, 4000, env={"LC_REEXEC_STOP": str(stop)})
         time.sleep(rnd.uniform(0, 0.2))
         p = cli("trace", "-p", prog.pid, "probed", "--handler", "count")
         try:
             out, err = p.communicate(timeout=60)
         finally:
             p.kill()
+            stop.touch()
         assert "Traceback" not in err, err
         assert p.returncode == 0 and "gone" in out or \
             p.returncode == 2 and "exec'd a new program" in err, (p.returncode, out, err)
