@@ -22,7 +22,8 @@ def exec_mappings(pid: int) -> dict[tuple, str]:
             parts = line.split(maxsplit=5)
             lo, hi = (int(x, 16) for x in parts[0].split("-"))
             path = parts[5] if len(parts) > 5 else ""
-            if "x" not in parts[1] or path == "[vsyscall]":
+            if "x" not in parts[1] or path in ("[vsyscall]", "[uprobes]"):
+                # [uprobes]: the kernel's own XOL page (kernel uprobes), not readable
                 continue
             mem.seek(lo)
             out[(lo, hi, path)] = hashlib.sha256(mem.read(hi - lo)).hexdigest()
