@@ -115,6 +115,7 @@ def test_records_carry_the_exact_tid_and_args(kernel, backend):
             recs = np.concatenate(batches)
             code = os.waitstatus_to_exitcode(t.exit_status)
             out = os.read(r, 4096).decode()
+            t.detach()
         else:
             t.detach()
             batches = []
@@ -216,6 +217,7 @@ def test_handover_of_our_int3_while_hot(kernel):
     assert os.read(r, 4096).decode() == _reference("hz_switch", k)
     assert probe.nhit == ours                       # no trap reached the tracer since
     assert ours + ku.count(1) == k
+    tr.detach()
     ku.close()
 
 
@@ -254,13 +256,14 @@ def test_kernel_runs_the_files_instruction_and_restores_one_byte(kernel):
     tr.run()
     assert tr.exit_code == 0
     assert os.read(r, 4096).decode() == _reference("hz_switch", k)
+    tr.detach()
     ku.close()
 
 
 def test_a_process_mapping_the_same_file_is_never_touched(kernel):
     k = 300_000
     exe = build_target("hz_switch")
-    other = subprocess.Popen([exe, "2000000000"], stdout=subprocess.DEVNULL)
+    other = subprocess.Popen([exe, "1000000000000000"], stdout=subprocess.DEVNULL)
     try:
         t, r = _spawned("hz_switch", k)
         pid = t.pid
