@@ -26,7 +26,7 @@ def run_script(name: str, *args: str, timeout: float = 600) -> subprocess.Comple
 
 
 def test_scripts_are_executable_with_a_shebang():
-    for name in ("bench_overhead", "bench_setup"):
+    for name in ("bench_overhead", "bench_setup", "bench_freeze"):
         path = ROOT / "scripts" / name
         assert os.access(path, os.X_OK), name
         assert path.read_text().startswith("#!"), name
@@ -77,3 +77,35 @@ def test_bench_setup_quick(tmp_path):
         for s in e["samples"]:
             if "error" not in s:
                 assert s["optimized"] + len(s["not_optimized"]) >= min(s["probes"], 1)
+
+
+def test_bench_freeze_quick(tmp_path):
+    """Smallest configuration (1 probe, 1 thread, uprobe-opt and kernel uprobes):
+    structure, and signal counts that add up exactly; no timing."""
+    out = tmp_path / "freeze.json"
+    proc = run_script("bench_freeze", "--quick", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for text in ("tool", "live ms", "attach ms", "tracing ms", "detach ms", "lost",
+                 "goals (uprobe-opt):"):
+        assert text in proc.stdout, text
+    doc = json.loads(out.read_text())
+    for key in ("machine", "quick", "results", "goals", "unavailable", "trace_s"):
+        assert key in doc, key
+    rows = {r["tool"]: r for r in doc["results"]}
+    assert set(rows) | set(doc["unavailable"]) >= {"uprobe-opt", "kernel"}
+    for tool, r in rows.items():
+        assert "error" not in r, (tool, r.get("error"))
+        assert (r["probes"], r["threads"]) == (1, 1)
+        for phase in ("before", "attach", "tracing", "detach", "after"):
+            assert r[f"{phase}_longest_ms"] >= 0 and r[f"{phase}_total_ms"] >= 0
+        assert r["restored"] is True, tool          # every byte original again
+        assert r["signals_sent"] > 0
+        assert r["signals_sent"] == r["signals_received"] + r["signals_lost"]
+        assert 0 <= r["signals_received"] <= r["signals_sent"]
+    if "kernel" in rows:
+        # The kernel never holds the target: every SIGUSR1 arrives.
+        assert rows["kernel"]["signals_lost"] == 0
+    assert {g["goal"].split(" (")[0] for g in doc["goals"]} >= {
+        "attach freeze <= 1 ms", "detach freeze <= 1 ms", "0 signals lost",
+        "launch-to-live <= 300 ms"}
+    assert all(isinstance(g["met"], bool) for g in doc["goals"])
