@@ -242,7 +242,7 @@ def test_aliases_not_ambiguous(proc_factory, sleeper_pie):
     p = proc_factory([sleeper_pie])
     r = SymbolResolver(pid=p.pid)
     assert r.resolve("malloc").addr == r.resolve("__libc_malloc").addr
-    assert r.resolve("memcpy").is_ifunc  # glibc's memcpy symbol is the IFUNC resolver
+    assert r.resolve("memcpy").ifunc == "memcpy"  # the implementation of the IFUNC
 
 
 def test_rseq_offset(proc_factory, sleeper_pie):
@@ -315,3 +315,34 @@ def test_warm_resolve_is_fast(proc_factory, sleeper_pie):
     r.resolve("libc:getpid")
     r.resolve("nanosleep")
     assert time.perf_counter() - t < 0.3
+
+
+# -- versioned names ------------------------------------------------------------------
+
+def _dynsym_versions(path, name) -> dict[str, int]:
+    """{'name@VER' or 'name@@VER': value} from readelf --dyn-syms (the oracle)."""
+    out = subprocess.run(["readelf", "--dyn-syms", "-W", str(path)], capture_output=True,
+                         text=True, check=True).stdout
+    found = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 8 and parts[7].split("@")[0] == name and parts[6] != "UND":
+            found[parts[7]] = int(parts[1], 16)
+    return found
+
+
+def test_versioned_names():
+    libc = "/lib/x86_64-linux-gnu/libc.so.6"
+    versions = _dynsym_versions(libc, "lio_listio")
+    if not any("@@" in v for v in versions) or len(set(versions.values())) < 2:
+        pytest.skip(f"this libc has no two versions of lio_listio: {versions}")
+    r = SymbolResolver(binary=libc)
+    default = next(v for k, v in versions.items() if "@@" in k)
+    assert r.resolve("lio_listio").addr == default  # the default version, like ld.so
+    for spelled, value in versions.items():
+        assert r.resolve(spelled).addr == value, spelled
+        if "@@" not in spelled:
+            continue
+        assert r.resolve(spelled.replace("@@", "@")).addr == value  # @ matches it too
+    with pytest.raises(SymbolError, match="unknown symbol"):
+        r.resolve("lio_listio@@GLIBC_2.2.5")  # not the default version

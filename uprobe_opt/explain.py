@@ -24,6 +24,16 @@ def explain_site(resolver: SymbolResolver, spec: str, maps=None) -> dict:
     out = {"probe": spec, "address": f"{site.addr:#x}", "symbol": site.symbol,
            "function": None, "region": [], "relocated": [], "detour": None,
            "optimizable": False, "reason": None}
+    if site.ifunc:
+        out["ifunc"] = {"symbol": site.ifunc, "learnt_from": site.ifunc_how}
+    if site.is_ifunc and site.offset == 0 and resolver.pid is None:
+        cands = resolver.ifunc_candidates(site.func_addr, site.func_size)
+        out["ifunc_candidates"] = cands
+        out["reason"] = (f"{site.symbol} is a GNU IFUNC: the implementation is chosen at "
+                         "run time by its resolver (from the CPU's features); a probe in a "
+                         "process lands on the one it runs; candidates: "
+                         + (", ".join(cands) or "none found in the resolver's code"))
+        return out
     if site.func_addr is None or not site.func_size:
         out["reason"] = f"no function symbol contains {site.addr:#x}"
         return out
@@ -102,6 +112,9 @@ def _print_text(res: dict, file=sys.stdout) -> None:
     w = file.write
     w(f"{res['probe']} at {res['address']}"
       + (f" ({res['symbol']})" if res.get("symbol") else "") + "\n")
+    if res.get("ifunc"):
+        w(f"  implementation of GNU IFUNC {res['ifunc']['symbol']}, learnt from "
+          f"{res['ifunc']['learnt_from']}\n")
     if res.get("patched_address") and res["patched_address"] != res["address"]:
         w(f"  planted at {res['patched_address']} (after endbr64)\n")
     if res["region"]:

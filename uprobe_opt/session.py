@@ -128,8 +128,9 @@ class Tracer:
             handler = "python" if pre_handler is not None else "count"
         if not 0 <= nargs <= 6:
             raise UsageError(f"nargs must be 0..6, not {nargs}")
-        items = [(self.resolver.resolve(spec), handler, pre_handler, spec, optimize)
-                 for spec in specs]
+        # site.spec: the spec as given, or ``libc:strlen -> __strlen_avx2`` for an IFUNC
+        items = [(site, handler, pre_handler, site.spec, optimize)
+                 for site in (self.resolver.resolve(spec) for spec in specs)]
         return self.manager.register_many(items, nargs=nargs)
 
     def enable(self, probe: Probe) -> None:

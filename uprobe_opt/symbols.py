@@ -20,26 +20,35 @@ Two modes:
 * ``SymbolResolver(binary=PATH)``: no process; addresses are the ELF's link-time
   addresses (``uprobe-opt explain BINARY``) and ``read_code`` reads the file.
 
-Symbols come from ``.symtab`` and ``.dynsym``, parsed once per file (cached process-wide,
-keyed by path + device + inode + mtime + size) with ``struct`` over the section bytes,
-which is ~50x faster than iterating pyelftools ``Symbol`` objects on a big libc.
-Not handled: separate debug-info files (``.gnu_debuglink``/build-id), the vDSO, DWARF
-(inlined functions, line numbers), C++ demangled names (use the mangled name).
+Symbols come from ``.dynsym`` and ``.symtab``, decoded in bulk (:mod:`uprobe_opt.elfsyms`:
+pyelftools for the section headers, numpy over the ``Elf64_Sym`` arrays; Debian's libc in
+~20 ms where iterating pyelftools ``Symbol`` objects took ~640 ms), parsed once per file
+(cached process-wide, keyed by path + device + inode + mtime + size).  Where the file has
+no name for a name or an address, its separate debug file (build-id or .gnu_debuglink)
+or its MiniDebugInfo (.gnu_debugdata) is read once.  Versioned names: ``name@VER`` and
+``name@@VER`` name one version; a bare name binds to the default version as the dynamic
+linker does.  GNU IFUNC symbols resolve, in a process, to the implementation that
+process runs (:mod:`uprobe_opt.ifunc`): the Site's ``spec`` reads
+``libc:strlen -> __strlen_avx2``.
+Not handled: the vDSO, DWARF (inlined functions, line numbers), C++ demangled names (use
+the mangled name).
 """
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import difflib
 import os
 import re
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, BinaryIO, Iterator
+from typing import Callable, BinaryIO, Iterator, NamedTuple
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
+from . import elfsyms
 from .errors import ProbeError, SymbolError
 from .target.maps import Mapping as _Mapping, read_maps
 
@@ -105,6 +114,8 @@ class Site:
     spec: str
     file_offset: int | None = None
     is_ifunc: bool = False  # the symbol is a GNU IFUNC: this is its *resolver*, run once
+    ifunc: str | None = None  # this is the implementation the process runs for IFUNC ``ifunc``
+    ifunc_how: str | None = None  # how that implementation was learnt (slot, emulation)
 
 
 # ---------------------------------------------------------------------------------------
@@ -122,14 +133,16 @@ _STB = {"STB_LOCAL": STB_LOCAL, "STB_GLOBAL": STB_GLOBAL, "STB_WEAK": STB_WEAK,
         "STB_GNU_UNIQUE": STB_GLOBAL, "STB_LOOS": STB_GLOBAL}
 
 
-@dataclass(frozen=True)
-class _Sym:
+class _Sym(NamedTuple):
+    """One defined symbol (a tuple: thousands are built per file, a dataclass is 5x
+    slower to construct)."""
     name: str
     value: int          # link-time address
     size: int
     type: int
     bind: int
     hidden: bool        # a non-default symbol version (name@VER, not name@@VER)
+    version: str | None = None   # the version name from .gnu.version_d, if any
 
     @property
     def is_func(self) -> bool:
@@ -156,16 +169,64 @@ class _Segment:
                        for c, bit in (("r", PF_R), ("w", PF_W), ("x", PF_X)))
 
 
-class _ElfData:
-    """Headers (eager, cheap) and symbols (lazy) of one ELF file."""
+class _SymIndex:
+    """Symbols of one source (the file itself, or its debug information): by name, and
+    the sized functions sorted by address for containment lookups."""
 
-    def __init__(self, path: str, opener: Callable[[], BinaryIO]):
+    def __init__(self, rows):
+        by_name: dict[str, list[_Sym]] = {}
+        seen: set[tuple] = set()
+        for row in rows:
+            sym = _Sym(*row)
+            key = (sym.name, sym.value, sym.type, sym.version, sym.hidden)
+            if key in seen:
+                continue     # the same definition in .dynsym and .symtab
+            seen.add(key)
+            by_name.setdefault(sym.name, []).append(sym)
+            if sym.version:  # also reachable as name@VER, and name@@VER when default
+                by_name.setdefault(f"{sym.name}@{sym.version}", []).append(sym)
+                if not sym.hidden:
+                    by_name.setdefault(f"{sym.name}@@{sym.version}", []).append(sym)
+        funcs: dict[int, _Sym] = {}
+        for name, syms in by_name.items():
+            for s in syms:
+                if s.is_func and s.size > 0 and s.name == name:
+                    best = funcs.get(s.value)
+                    if best is None or (s.rank(), -s.size) < (best.rank(), -best.size):
+                        funcs[s.value] = s
+        self.by_name = by_name
+        self.funcs = [funcs[v] for v in sorted(funcs)]
+        self.func_values = [s.value for s in self.funcs]
+
+    def containing(self, vaddr: int) -> _Sym | None:
+        i = bisect.bisect_right(self.func_values, vaddr) - 1
+        # Step back over a few neighbours: a small function may be nested/overlapping.
+        for j in range(i, max(i - 8, -1), -1):
+            s = self.funcs[j]
+            if s.value <= vaddr < s.value + s.size:
+                return s
+        return None
+
+
+_EMPTY_INDEX = None
+
+
+class _ElfData:
+    """Headers (eager, cheap) and symbols (lazy) of one ELF file.  Symbols come from
+    the file itself (primary) and, only where the file has none for a name or an
+    address, from its separate debug file or MiniDebugInfo (secondary, loaded on the
+    first miss): a stripped file's static functions get names without changing what
+    the names the file does carry resolve to."""
+
+    def __init__(self, path: str, opener: Callable[[], BinaryIO], root: str = ""):
         self.path = path
+        self.root = root             # prefix for the debug-file search (/proc/PID/root)
         self._opener = opener
         self._lock = threading.Lock()
-        self._by_name: dict[str, list[_Sym]] | None = None
-        self._func_values: list[int] = []
-        self._funcs: list[_Sym] = []
+        self._primary: _SymIndex | None = None
+        self._secondary: _SymIndex | None = None
+        self.debug_source: str | None = None   # where the secondary names came from
+        self._relocs: tuple[dict, dict] | None = None
         with opener() as f:
             try:
                 elf = ELFFile(f)
@@ -175,6 +236,8 @@ class _ElfData:
                              s["p_flags"])
                     for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"]
                 self.soname, self.needed = self._read_dynamic(elf)
+                self.sections = elfsyms.read_sections(f)
+                self.build_id = elfsyms.read_build_id(f, self.sections)
             except (ELFError, struct.error, ValueError) as e:
                 raise SymbolError(f"{path}: not a readable ELF file ({e})") from None
 
@@ -192,79 +255,59 @@ class _ElfData:
         return soname, needed
 
     # -- symbols -------------------------------------------------------------------------
-    def by_name(self) -> dict[str, list[_Sym]]:
-        """name -> defined symbols with that name (versions stripped; hidden-versioned
-        ones also under ``name@VER`` when the name carries it)."""
-        if self._by_name is None:
+    def primary(self) -> _SymIndex:
+        if self._primary is None:
             with self._lock:
-                if self._by_name is None:
-                    self._load_symbols()
-        return self._by_name
+                if self._primary is None:
+                    try:
+                        with self._opener() as f:
+                            rows = elfsyms.read_symbols(f, self.sections)
+                    except OSError as e:
+                        raise SymbolError(f"cannot read symbols of {self.path}: {e}") from None
+                    except (ELFError, struct.error, ValueError) as e:
+                        raise SymbolError(f"{self.path}: bad symbol table ({e})") from None
+                    self._primary = _SymIndex(rows)
+        return self._primary
 
-    def _load_symbols(self) -> None:
-        by_name: dict[str, list[_Sym]] = {}
-        seen: set[tuple[str, int, int]] = set()
+    def secondary(self) -> _SymIndex:
+        """Names from the separate debug file, else from .gnu_debugdata (empty when
+        neither exists or can be read: then the file simply has no more names)."""
+        if self._secondary is None:
+            with self._lock:
+                if self._secondary is None:
+                    self._secondary = self._load_secondary()
+        return self._secondary
+
+    def _load_secondary(self) -> _SymIndex:
         try:
-            f = self._opener()
-        except OSError as e:
-            raise SymbolError(f"cannot read symbols of {self.path}: {e}") from None
-        with f:
-            elf = ELFFile(f)
-            for sec in elf.iter_sections():
-                if sec["sh_type"] not in ("SHT_SYMTAB", "SHT_DYNSYM"):
-                    continue
-                versym = None
-                if sec["sh_type"] == "SHT_DYNSYM":
-                    versym = next((v for v in elf.iter_sections()
-                                   if v["sh_type"] == "SHT_GNU_versym"), None)
-                for sym in self._iter_section(sec, versym):
-                    key = (sym.name, sym.value, sym.type)
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    by_name.setdefault(sym.name, []).append(sym)
-        funcs: dict[int, _Sym] = {}
-        for syms in by_name.values():
-            for s in syms:
-                if s.is_func and s.size > 0:
-                    best = funcs.get(s.value)
-                    if best is None or (s.rank(), -s.size) < (best.rank(), -best.size):
-                        funcs[s.value] = s
-        self._funcs = [funcs[v] for v in sorted(funcs)]
-        self._func_values = [s.value for s in self._funcs]
-        self._by_name = by_name
+            with self._opener() as f:
+                link = elfsyms.read_debuglink(f, self.sections)
+                debug = elfsyms.find_debug_file(self.path, self.build_id, link, self.root)
+                if debug is not None:
+                    with open(debug, "rb") as g:
+                        rows = elfsyms.read_symbols(g)
+                    self.debug_source = debug
+                    return _SymIndex(rows)
+                image = elfsyms.read_minidebuginfo(f, self.sections)
+                if image is not None:
+                    self.debug_source = ".gnu_debugdata"
+                    return _SymIndex(elfsyms.symbols_of_image(image))
+        except Exception:  # noqa: BLE001 - optional names: unreadable means absent
+            pass
+        return _SymIndex(())
 
-    @staticmethod
-    def _iter_section(sec, versym) -> Iterator[_Sym]:
-        """Defined symbols of one .symtab/.dynsym section (pyelftools), with the GNU
-        hidden-version bit from .gnu.version (VERSYM_HIDDEN, 0x8000)."""
-        for i, sym in enumerate(sec.iter_symbols()):
-            stype = _STT.get(sym["st_info"]["type"], -1)
-            shndx = sym["st_shndx"]
-            if shndx in ("SHN_UNDEF", "SHN_ABS") or stype in (STT_SECTION, STT_FILE,
-                                                              STT_TLS, -1):
-                continue  # an undefined symbol is never a definition; TLS is not an address
-            name = sym.name
-            if not name:
-                continue
-            bind = _STB.get(sym["st_info"]["bind"], STB_GLOBAL)
-            value, size = sym["st_value"], sym["st_size"]
-            hidden = False
-            if versym is not None and i < versym.num_symbols():
-                ndx = versym.get_symbol(i)["ndx"]      # int, or VER_NDX_LOCAL/GLOBAL
-                hidden = isinstance(ndx, int) and bool(ndx & 0x8000)
-            if "@" in name:  # .symtab spelling: name@VER (hidden) or name@@VER (default)
-                base, _, ver = name.partition("@")
-                hidden = not ver.startswith("@")
-                if hidden:
-                    yield _Sym(name, value, size, stype, bind, True)
-                name = base
-            yield _Sym(name, value, size, stype, bind, hidden)
+    def by_name(self) -> dict[str, list[_Sym]]:
+        """name -> defined symbols with that name in the file's own tables (versions
+        stripped; versioned ones also under ``name@VER``, default ones under
+        ``name@@VER``)."""
+        return self.primary().by_name
 
     def lookup(self, name: str) -> list[_Sym]:
         """Definitions of ``name`` at distinct addresses, best first: functions if any
-        are functions, default versions over hidden ones; aliases collapse."""
-        syms = self.by_name().get(name, [])
+        are functions, default versions over hidden ones (a bare name binds to the
+        default version, as the dynamic linker does); aliases collapse.  The debug
+        file's names are used only when the file itself has no definition."""
+        syms = self.primary().by_name.get(name) or self.secondary().by_name.get(name, [])
         if any(s.is_func for s in syms):
             syms = [s for s in syms if s.is_func]
         if any(not s.hidden for s in syms):
@@ -275,18 +318,30 @@ class _ElfData:
         return list(by_addr.values())
 
     def containing_func(self, vaddr: int) -> _Sym | None:
-        """The function symbol (with size) covering link-time address ``vaddr``."""
-        self.by_name()
-        i = bisect.bisect_right(self._func_values, vaddr) - 1
-        # Step back over a few neighbours: a small function may be nested/overlapping.
-        for j in range(i, max(i - 8, -1), -1):
-            s = self._funcs[j]
-            if s.value <= vaddr < s.value + s.size:
-                return s
-        return None
+        """The function symbol (with size) covering link-time address ``vaddr``: the
+        file's own, else the debug file's."""
+        return self.primary().containing(vaddr) or self.secondary().containing(vaddr)
 
     def all_names(self) -> list[str]:
-        return list(self.by_name())
+        return list(self.primary().by_name) + list(self.secondary().by_name)
+
+    def iter_functions(self) -> list[_Sym]:
+        """Every sized function symbol, one per address (best-ranked alias; the file's
+        own over the debug file's), sorted by address."""
+        best = {s.value: s for s in self.secondary().funcs}
+        best.update({s.value: s for s in self.primary().funcs})
+        return [best[v] for v in sorted(best)]
+
+    def slot_relocs(self) -> tuple[dict, dict]:
+        """(IRELATIVE slots by resolver vaddr, GLOB_DAT/JUMP_SLOT/64 slots by symbol
+        name), link-time addresses (elfsyms.read_slot_relocs), parsed once."""
+        if self._relocs is None:
+            try:
+                with self._opener() as f:
+                    self._relocs = elfsyms.read_slot_relocs(f, self.sections)
+            except (OSError, ValueError):
+                self._relocs = ({}, {})
+        return self._relocs
 
     def segment_for(self, vaddr: int) -> _Segment | None:
         for seg in self.segments:
@@ -299,14 +354,17 @@ _ELF_CACHE: dict[tuple, _ElfData] = {}
 _ELF_CACHE_LOCK = threading.Lock()
 
 
-def _elf_data(path: str, st: os.stat_result, opener: Callable[[], BinaryIO]) -> _ElfData:
+def _elf_data(path: str, st: os.stat_result, opener: Callable[[], BinaryIO],
+              root: str = "") -> _ElfData:
+    """The cached data of the file at ``path`` (as the target names it) with stat
+    ``st``; parsed once per (path, device, inode, mtime, size) per process."""
     key = (path, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
     data = _ELF_CACHE.get(key)
     if data is None:
-        data = _ElfData(path, opener)
+        data = _ElfData(path, opener, root)
         with _ELF_CACHE_LOCK:
             data = _ELF_CACHE.setdefault(key, data)
-    elif data._by_name is None:
+    else:
         data._opener = opener  # the previous opener may name a process that is gone
     return data
 
@@ -407,7 +465,7 @@ class SymbolResolver:
         if opener is None:
             return LoadedObject(path, first.start - first.offset, is_main, maps, None)
         try:
-            elf = _elf_data(path, st, opener)
+            elf = _elf_data(path, st, opener, f"/proc/{self.pid}/root")
         except SymbolError:
             return None  # an executable mapping of a non-ELF file: not ours to resolve in
         bias = first.start - first.offset
@@ -517,6 +575,8 @@ class SymbolResolver:
         if ps.addr is not None:
             return self._resolve_addr(ps.addr, text)
         obj, sym = self._lookup(ps)
+        if sym.type == STT_GNU_IFUNC and self.pid is not None and ps.offset == 0:
+            return self._resolve_ifunc(obj, sym, text)
         func_addr = obj.bias + sym.value
         addr = func_addr + ps.offset
         if sym.is_func and sym.size and ps.offset >= sym.size:
@@ -530,6 +590,78 @@ class SymbolResolver:
                     lib_path=obj.path, offset=ps.offset, spec=text,
                     file_offset=self._file_offset(addr),
                     is_ifunc=sym.type == STT_GNU_IFUNC)
+
+    def _resolve_ifunc(self, obj: LoadedObject, sym: _Sym, text: str) -> Site:
+        """The implementation the process runs for IFUNC ``sym`` (see uprobe_opt.ifunc);
+        SymbolError naming the candidates when it cannot be learnt."""
+        impl, how = self.find_ifunc_target(obj, sym)
+        if impl is None:
+            cands = ", ".join(self.ifunc_candidates(obj.bias + sym.value, sym.size)) or "none found"
+            raise SymbolError(
+                f"{text}: {sym.name} is a GNU IFUNC and the implementation process "
+                f"{self.pid} runs could not be learnt (no relocated slot holds it and its "
+                f"resolver could not be emulated); probe one by name or address: {cands}",
+                pid=self.pid)
+        site = self._resolve_addr(impl, text)
+        name = site.symbol if site.func_addr == impl else None
+        return dataclasses.replace(site, spec=f"{text} -> {name or f'{impl:#x}'}",
+                                   ifunc=sym.name, ifunc_how=how)
+
+    def find_ifunc_target(self, obj: LoadedObject, sym: _Sym) -> tuple[int | None, str]:
+        """(absolute address of the implementation process ``pid`` runs for IFUNC
+        ``sym`` defined in ``obj``, how it was learnt) or (None, reason)."""
+        from uprobe_opt import ifunc
+        resolver = obj.bias + sym.value
+
+        def in_code(v: int | None) -> bool:
+            return (v is not None and v != resolver
+                    and any(m.is_exec and m.start <= v < m.end for m in obj.mappings))
+
+        irel, _named = obj.elf.slot_relocs()
+        for slot in irel.get(sym.value, ()):
+            value = ifunc.read_word(self.pid, obj.bias + slot)
+            if in_code(value):
+                return value, f"R_X86_64_IRELATIVE slot {obj.bias + slot:#x} of {obj.name}"
+        for other in self.iter_libraries():
+            if other.elf is None:
+                continue
+            for slot in other.elf.slot_relocs()[1].get(sym.name, ()):
+                value = ifunc.read_word(self.pid, other.bias + slot)
+                if in_code(value):
+                    return value, f"GOT slot {other.bias + slot:#x} of {other.name}"
+        maps = self._mappings()
+
+        def readable(addr: int) -> bool:
+            return any(m.start <= addr < m.end and m.perms.startswith("r")
+                       and m.path not in ("[vvar]", "[vsyscall]") for m in maps)
+        value = ifunc.emulate_resolver(self.pid, resolver, readable)
+        if in_code(value):
+            return value, "its resolver, emulated over the process's memory"
+        return None, "unresolved"
+
+    def ifunc_candidates(self, resolver: int, size: int) -> list[str]:
+        """The functions IFUNC resolver code at ``resolver`` may return (names, or
+        addresses when unnamed), from its RIP-relative lea instructions."""
+        from uprobe_opt import ifunc
+        try:
+            code = self.read_code(resolver, size)
+        except SymbolError:
+            return []
+        out = []
+        for addr in ifunc.resolver_candidates(code, resolver):
+            found = self.find_symbol_for(addr)
+            if found is not None and found[1] == addr:
+                out.append(found[0])
+            elif self._is_code(addr):
+                out.append(f"{addr:#x}")
+        return out
+
+    def _is_code(self, addr: int) -> bool:
+        try:
+            self._check_exec(addr)
+            return True
+        except SymbolError:
+            return False
 
     def find_object(self, addr: int) -> LoadedObject | None:
         """The loaded ELF object whose mappings contain ``addr`` (None if none)."""

@@ -1,0 +1,81 @@
+"""GNU IFUNC symbols: a probe lands on the implementation the process runs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from helpers import run_cli
+from uprobe_opt import ifunc
+from uprobe_opt.session import Tracer
+from uprobe_opt.symbols import STT_GNU_IFUNC, SymbolResolver
+from uprobe_opt.testing import build_target
+
+N = 20_000
+SPECS = ("libc:strlen", "libc:memcpy", "libm:sin")
+
+
+@pytest.fixture(scope="module")
+def ifunc_exe():
+    return build_target("ifunc")
+
+
+def _is_ifunc(path, name) -> bool:
+    r = SymbolResolver(binary=path)
+    return r.resolve(name).is_ifunc
+
+
+@pytest.fixture(autouse=True)
+def _need_ifuncs():
+    for lib, name in (("/lib/x86_64-linux-gnu/libc.so.6", "strlen"),
+                      ("/lib/x86_64-linux-gnu/libm.so.6", "sin")):
+        if not os.path.exists(lib) or not _is_ifunc(lib, name):
+            pytest.skip(f"{name} is not an IFUNC in {lib}")
+
+
+def test_ifunc_counts_plt_and_pointer(ifunc_exe):
+    """N calls through the PLT and N through a function pointer: hits == 2N each."""
+    want = subprocess.run([ifunc_exe, str(N)], capture_output=True, text=True).stdout
+    r, w = os.pipe()
+    with Tracer.spawn([ifunc_exe, str(N)], stdout=w) as t:
+        os.close(w)
+        probes = t.add_probes(SPECS, handler="count")
+        t.run()
+        got = os.read(r, 4096).decode()
+    os.close(r)
+    assert got == want
+    for spec, p in zip(SPECS, probes):
+        assert p.nhit == 2 * N, (spec, p.nhit, p.state, p.reason)
+        assert p.spec.startswith(spec + " -> ") and p.spec != spec + " -> "
+    assert [p.state.value for p in probes] == ["optimized"] * 3
+
+
+def test_ifunc_resolution_agrees(ifunc_exe):
+    """The relocated slot, the emulated resolver and the target's own function
+    pointer (p_sin etc., bound by ld.so at load) name the same implementation."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    with Tracer.spawn([ifunc_exe, "1"], stdout=null) as t:   # held at AT_ENTRY: ld.so done
+        os.close(null)
+        res = SymbolResolver(pid=t.pid)
+        exe = next(o for o in res.iter_libraries() if o.is_main)
+        for spec, ptr in zip(SPECS, ("p_strlen", "p_memcpy", "p_sin")):
+            site = res.resolve(spec)
+            value = ifunc.read_word(t.pid, exe.bias + exe.elf.lookup(ptr)[0].value)
+            assert site.addr == value, spec
+            lib = res._objects_for_lib(spec.split(":")[0])
+            sym = lib.elf.lookup(spec.split(":")[1])[0]
+            assert sym.type == STT_GNU_IFUNC
+            emulated = ifunc.emulate_resolver(t.pid, lib.bias + sym.value, lambda a: True)
+            assert emulated == value, spec
+        t.run()
+
+
+def test_explain_ifunc_without_process():
+    res = run_cli("explain", "/lib/x86_64-linux-gnu/libc.so.6", "strlen", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert "chosen at run time" in out["reason"] and not out["optimizable"]
+    assert len(out["ifunc_candidates"]) >= 2
+    assert all(c.startswith("__strlen") or c.startswith("0x") for c in out["ifunc_candidates"])
