@@ -79,3 +79,56 @@ def test_explain_ifunc_without_process():
     assert "chosen at run time" in out["reason"] and not out["optimizable"]
     assert len(out["ifunc_candidates"]) >= 2
     assert all(c.startswith("__strlen") or c.startswith("0x") for c in out["ifunc_candidates"])
+
+
+def test_glob_counts_each_match(ifunc_exe):
+    """``libc:str*``: one probe per matching function, strlen's implementation gets
+    the program's 2N calls, strtol the one call of atol(argv[1]), every other match none,
+    output unchanged."""
+    want = subprocess.run([ifunc_exe, str(N)], capture_output=True, text=True).stdout
+    r, w = os.pipe()
+    with Tracer.spawn([ifunc_exe, str(N)], stdout=w) as t:
+        os.close(w)
+        probes = t.add_probes(["libc:str*"], handler="count")
+        t.run()
+        got = os.read(r, 4096).decode()
+    os.close(r)
+    assert got == want
+    addrs = [p.addr for p in probes]
+    assert len(addrs) == len(set(addrs)) >= 20    # static twins keep their own probe
+    assert all(p.spec.startswith("libc:str") for p in probes)
+    strlen = [p for p in probes if p.spec.startswith("libc:strlen -> ")]
+    assert len(strlen) == 1 and strlen[0].nhit == 2 * N
+    # and atol(argv[1]) is strtol's one call
+    assert {p.spec: p.nhit for p in probes if p.nhit and p is not strlen[0]} == \
+        {"libc:strtol": 1}
+
+
+def test_list_command(ifunc_exe):
+    """``list -p PID libc:str*``: a row per match, sane addresses and sizes, the same
+    set as the Tracer's probes; --json agrees with the text form."""
+    p = subprocess.Popen(["sleep", "60"])
+    try:
+        res = run_cli("list", "-p", str(p.pid), "libc:str*")
+        assert res.returncode == 0, res.stderr
+        lines = res.stdout.splitlines()
+        assert lines[0].split()[:3] == ["ADDRESS", "SIZE", "PROBE"]
+        rows = lines[1:-1]
+        assert lines[-1].startswith(f"{len(rows)} sites: ")
+        resolver = SymbolResolver(pid=p.pid)
+        sites = resolver.resolve_all("libc:str*")
+        assert len(rows) == len(sites) >= 20
+        for row, site in zip(rows, sites):
+            addr, size, probe = row.split()[:3]
+            assert int(addr, 16) == site.addr and int(size) == site.func_size
+            assert probe == site.spec.split(" -> ")[0]
+            assert resolver.find_symbol_for(site.addr)[1] == site.addr
+        js = run_cli("list", "-p", str(p.pid), "libc:str*", "--json")
+        objs = [json.loads(x) for x in js.stdout.splitlines()]
+        assert [o["address"] for o in objs] == [r.split()[0] for r in rows]
+        assert all((o["reason"] is None) == o["optimizable"] for o in objs)
+        bad = run_cli("list", "-p", str(p.pid), "libc:no_such_fn*")
+        assert bad.returncode == 2 and "no function matches" in bad.stderr
+    finally:
+        p.kill()
+        p.wait()

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from uprobe_opt.relocheck import add_parser as add_check_reloc
     add_check_reloc(sub)
+    from uprobe_opt.listing import add_parser as add_list
+    add_list(sub)
 
     de = sub.add_parser("demo", help="trace the bundled demo target (targets/loop.c)")
     de.add_argument("--calls", type=int, default=1_000_000)
@@ -87,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "explain":
             from uprobe_opt.explain import cmd_explain
             return cmd_explain(args)
+        if args.cmd == "list":
+            from uprobe_opt.listing import cmd_list
+            return cmd_list(args)
         if args.cmd == "check-reloc":
             from uprobe_opt.relocheck import cmd_check_reloc
             return cmd_check_reloc(args)

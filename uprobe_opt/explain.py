@@ -19,8 +19,13 @@ from uprobe_opt.symbols import SymbolResolver
 
 def explain_site(resolver: SymbolResolver, spec: str, maps=None) -> dict:
     """Analyse one probe spec; returns a JSON-ready dict (addresses as hex strings)."""
+    return analyse_site(resolver, resolver.resolve(spec), spec, maps)
+
+
+def analyse_site(resolver: SymbolResolver, site, spec: str, maps=None) -> dict:
+    """Analyse one resolved symbols.Site (see explain_site); SymbolError when its
+    address is not an instruction boundary."""
     arch = load_arch()
-    site = resolver.resolve(spec)
     out = {"probe": spec, "address": f"{site.addr:#x}", "symbol": site.symbol,
            "function": None, "region": [], "relocated": [], "detour": None,
            "optimizable": False, "reason": None}

@@ -128,9 +128,10 @@ class Tracer:
             handler = "python" if pre_handler is not None else "count"
         if not 0 <= nargs <= 6:
             raise UsageError(f"nargs must be 0..6, not {nargs}")
-        # site.spec: the spec as given, or ``libc:strlen -> __strlen_avx2`` for an IFUNC
+        # One spec may name many sites (a glob: ``libc:str*``); site.spec is the spec
+        # as given, ``libc:strlen -> __strlen_avx2`` for an IFUNC, LIB:NAME per match.
         items = [(site, handler, pre_handler, site.spec, optimize)
-                 for site in (self.resolver.resolve(spec) for spec in specs)]
+                 for spec in specs for site in self.resolver.resolve_all(spec)]
         return self.manager.register_many(items, nargs=nargs)
 
     def enable(self, probe: Probe) -> None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import difflib
+import fnmatch
 import os
 import re
 import struct
@@ -56,7 +57,8 @@ __all__ = ["ProbeSpec", "Site", "LoadedObject", "SymbolResolver", "parse_spec",
            "SPEC_FORMS"]
 
 SPEC_FORMS = ("SYMBOL, SYMBOL+0xOFF (or +DEC), LIB:SYMBOL[+0xOFF] (LIB = path, basename "
-              "like libc.so.6, or unique prefix like libc), 0xADDR")
+              "like libc.so.6, or unique prefix like libc), SYMBOL@VER / SYMBOL@@VER, "
+              "[LIB:]GLOB (libc:str*, one probe per matching function), 0xADDR")
 
 # ---------------------------------------------------------------------------------------
 # Spec parsing
@@ -64,7 +66,8 @@ SPEC_FORMS = ("SYMBOL, SYMBOL+0xOFF (or +DEC), LIB:SYMBOL[+0xOFF] (LIB = path, b
 _ADDR_RE = re.compile(r"0[xX][0-9a-fA-F]+")
 _SYM_RE = re.compile(
     r"(?:(?P<lib>[^:+\s]+):)?"                      # LIB:
-    r"(?P<sym>[A-Za-z_.$][\w.$]*(?:@@?[\w.]+)?)"    # name, optional @VERSION / @@VERSION
+    r"(?P<sym>(?:[A-Za-z_.$*?]|\[!?[\w.$-]+\])(?:[\w.$*?]|\[!?[\w.$-]+\])*"
+    r"(?:@@?[\w.*?]+)?)"                             # name or glob, @VER / @@VER
     r"(?:\+(?P<off>0[xX][0-9a-fA-F]+|\d+))?")       # +OFF
 
 
@@ -76,6 +79,11 @@ class ProbeSpec:
     symbol: str | None = None
     offset: int = 0
     addr: int | None = None
+
+    @property
+    def is_glob(self) -> bool:
+        """The symbol is a shell-style pattern (``str*``, ``mem?py``, ``[ab]*``)."""
+        return self.symbol is not None and any(c in self.symbol for c in "*?[")
 
     def __str__(self) -> str:
         if self.addr is not None:
@@ -92,7 +100,7 @@ def parse_spec(spec: str) -> ProbeSpec:
     if _ADDR_RE.fullmatch(text):
         return ProbeSpec(addr=int(text, 16))
     m = _SYM_RE.fullmatch(text)
-    if not m:
+    if not m or (m.group("off") and any(c in m.group("sym") for c in "*?[")):
         raise SymbolError(f"bad probe spec {spec!r}; accepted forms: {SPEC_FORMS}")
     off = m.group("off")
     return ProbeSpec(lib=m.group("lib"), symbol=m.group("sym"),
@@ -275,6 +283,10 @@ class _ElfData:
         if self._secondary is None:
             with self._lock:
                 if self._secondary is None:
+                    if self.root and not os.path.isdir(self.root):
+                        # the process whose root we would search is gone: do not cache
+                        # "no debug names" for the next caller, who has a live one
+                        return _SymIndex(())
                     self._secondary = self._load_secondary()
         return self._secondary
 
@@ -366,6 +378,7 @@ def _elf_data(path: str, st: os.stat_result, opener: Callable[[], BinaryIO],
             data = _ELF_CACHE.setdefault(key, data)
     else:
         data._opener = opener  # the previous opener may name a process that is gone
+        data.root = root
     return data
 
 
@@ -588,6 +601,62 @@ class SymbolResolver:
             return self._resolve_addr(addr, text, name=sym.name)
         return Site(addr=addr, symbol=sym.name, func_addr=func_addr, func_size=sym.size,
                     lib_path=obj.path, offset=ps.offset, spec=text,
+                    file_offset=self._file_offset(addr),
+                    is_ifunc=sym.type == STT_GNU_IFUNC)
+
+    def resolve_all(self, spec: str | ProbeSpec) -> list[Site]:
+        """Every site ``spec`` names: one for a plain spec (:meth:`resolve`), one per
+        matching sized function for a glob (``libc:str*``; without LIB in every loaded
+        object), sorted by address, one per address (aliases collapse, an IFUNC
+        becomes its implementation in a process).  Each Site's ``spec`` is
+        ``LIB:NAME`` (LIB as given).  SymbolError when nothing matches."""
+        ps = spec if isinstance(spec, ProbeSpec) else parse_spec(spec)
+        if not ps.is_glob:
+            return [self.resolve(ps)]
+        objs = [self._objects_for_lib(ps.lib)] if ps.lib else list(self.iter_libraries())
+        sites: dict[int, Site] = {}
+        for obj in objs:
+            for sym in self._glob_funcs(obj, ps.symbol):
+                text = f"{ps.lib}:{sym.name}" if ps.lib else sym.name
+                try:
+                    site = (self._resolve_ifunc(obj, sym, text)
+                            if sym.type == STT_GNU_IFUNC and self.pid is not None
+                            else self._func_site(obj, sym, text))
+                except SymbolError:
+                    continue     # an IFUNC whose implementation cannot be learnt
+                sites.setdefault(site.addr, site)
+        if not sites:
+            where = ", ".join(o.path for o in objs)
+            raise SymbolError(f"no function matches {str(ps)!r} in {where}", pid=self.pid)
+        return [sites[a] for a in sorted(sites)]
+
+    @staticmethod
+    def _glob_funcs(obj: LoadedObject, pattern: str) -> list[_Sym]:
+        """Sized functions of ``obj`` with a name matching ``pattern`` (fnmatch,
+        case-sensitive; versioned spellings only when the pattern has an @), the
+        best-ranked alias per address, the file's own names over the debug file's."""
+        if obj.elf is None:
+            return []
+        rx = re.compile(fnmatch.translate(pattern))
+        want_ver = "@" in pattern
+        best: dict[int, _Sym] = {}
+        for index in (obj.elf.secondary(), obj.elf.primary()):
+            found: dict[int, _Sym] = {}
+            for name, syms in index.by_name.items():
+                if ("@" in name) != want_ver or not rx.match(name):
+                    continue
+                for s in syms:
+                    if s.is_func and s.size and not (s.hidden and not want_ver):
+                        cur = found.get(s.value)
+                        if cur is None or s.rank() < cur.rank():
+                            found[s.value] = s
+            best.update(found)
+        return list(best.values())
+
+    def _func_site(self, obj: LoadedObject, sym: _Sym, text: str) -> Site:
+        addr = obj.bias + sym.value
+        return Site(addr=addr, symbol=sym.name, func_addr=addr, func_size=sym.size,
+                    lib_path=obj.path, offset=0, spec=text,
                     file_offset=self._file_offset(addr),
                     is_ifunc=sym.type == STT_GNU_IFUNC)
 
