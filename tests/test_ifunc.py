@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -49,7 +50,10 @@ def test_ifunc_counts_plt_and_pointer(ifunc_exe):
     for spec, p in zip(SPECS, probes):
         assert p.nhit == 2 * N, (spec, p.nhit, p.state, p.reason)
         assert p.spec.startswith(spec + " -> ") and p.spec != spec + " -> "
-    assert [p.state.value for p in probes] == ["optimized"] * 3
+    for p in probes:   # glibc's __mempcpy_* jump into __memcpy_*'s first bytes
+        assert p.state.value == "optimized" or re.fullmatch(
+            r"jmp at 0x[0-9a-f]+ \(in \w+\) targets 0x[0-9a-f]+ inside the region",
+            p.reason), (p.spec, p.state, p.reason)
 
 
 def test_ifunc_resolution_agrees(ifunc_exe):

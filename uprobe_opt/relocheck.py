@@ -680,6 +680,19 @@ def _handlers(state: State) -> tuple:
                             rseq_offset=RSEQ_OFFSET))
 
 
+MODULE_WIDE = "JUMP_INTO_RANGE from another function"
+
+
+def _external_branches(image: CodeImage, func: Function) -> dict[int, str]:
+    """{target: "the branch at SRC"} for direct branches from outside ``func`` landing
+    inside it (the file's branch index; empty for a bare code image)."""
+    if image.obj is None or image.obj.elf is None:
+        return {}
+    end = func.addr + func.size
+    into = image.obj.elf.branches_into(func.addr, end, (func.addr, end))
+    return {t: f"the branch at {src:#x}" for t, src in into.items()}
+
+
 def check_site(image: CodeImage, site: Site, *, seed: int = 0, num_states: int = 4,
                builder: Builder | None = None, slots: list[int] | None = None) -> SiteResult:
     """Analyse one site and, if optimizable, compare its detour with the original
@@ -688,10 +701,15 @@ def check_site(image: CodeImage, site: Site, *, seed: int = 0, num_states: int =
     random ones."""
     builder = builder or x86.build_detour
     func, result = site.func, SiteResult(site)
-    # 1. the analysis, on the original bytes of the whole function
-    region = x86.can_optimize(image.read(func.addr, func.size), func.addr, func.size, site.addr)
+    # 1. the analysis, on the original bytes of the whole function, with the direct
+    #    branches of the rest of the module that land in it (the module-wide check 3)
+    extra = _external_branches(image, func)
+    region = x86.can_optimize(image.read(func.addr, func.size), func.addr, func.size,
+                              site.addr, extra_targets=extra)
     if isinstance(region, x86.Refusal):
         result.refusal = region.reason.name
+        if region.reason is x86.Reason.JUMP_INTO_RANGE and extra.get(region.addr):
+            result.refusal = MODULE_WIDE
         result.refused_insn = _mnemonic_at(image, func, region.addr)
         return result
     # 2. instructions we cannot compare

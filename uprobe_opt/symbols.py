@@ -230,11 +230,12 @@ class _ElfData:
         self.path = path
         self.root = root             # prefix for the debug-file search (/proc/PID/root)
         self._opener = opener
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # branch_index -> iter_functions -> secondary
         self._primary: _SymIndex | None = None
         self._secondary: _SymIndex | None = None
         self.debug_source: str | None = None   # where the secondary names came from
         self._relocs: tuple[dict, dict] | None = None
+        self._branches = None
         with opener() as f:
             try:
                 elf = ELFFile(f)
@@ -344,6 +345,66 @@ class _ElfData:
         best.update({s.value: s for s in self.primary().funcs})
         return [best[v] for v in sorted(best)]
 
+    def branch_index(self):
+        """(targets, sources): numpy arrays of every direct branch of the file's known
+        functions (link-time addresses), sorted by target (x86.branchindex).  Built
+        once per file and cached on disk by build-id under ~/.cache/uprobe-opt/branches
+        (a rebuilt file has another build-id)."""
+        if self._branches is None:
+            with self._lock:
+                if self._branches is None:
+                    self._branches = self._load_branch_index()
+        return self._branches
+
+    def _load_branch_index(self):
+        import numpy as np
+        path = _branch_cache_path(self.build_id)
+        if path is not None:
+            try:
+                with np.load(path) as z:
+                    return z["targets"], z["sources"]
+            except (OSError, KeyError, ValueError):
+                pass
+        from uprobe_opt.x86.branchindex import sweep_branches
+        segs = []
+        with self._opener() as f:
+            for seg in self.segments:
+                if seg.flags & PF_X and seg.filesz:
+                    f.seek(seg.offset)
+                    segs.append((seg.vaddr, f.read(seg.filesz)))
+
+        def read(start: int, size: int) -> bytes | None:
+            for vaddr, data in segs:
+                if vaddr <= start and start + size <= vaddr + len(data):
+                    return data[start - vaddr:start - vaddr + size]
+            return None
+        funcs = [(s.value, s.size) for s in self.iter_functions()]
+        srcs, dsts = sweep_branches(funcs, read)
+        order = np.argsort(np.asarray(dsts, np.uint64), kind="stable")
+        targets = np.asarray(dsts, np.uint64)[order]
+        sources = np.asarray(srcs, np.uint64)[order]
+        if path is not None:
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.{os.getpid()}.tmp.npz"
+                np.savez(tmp, targets=targets, sources=sources)
+                os.replace(tmp, path)
+            except OSError:
+                pass
+        return targets, sources
+
+    def branches_into(self, lo: int, hi: int, exclude: tuple[int, int]) -> dict[int, int]:
+        """{target: source} of direct branches landing in [lo, hi) from outside the
+        link-time range ``exclude`` (the function's own branches are scanned with it)."""
+        import numpy as np
+        targets, sources = self.branch_index()
+        i, j = np.searchsorted(targets, [lo, hi])
+        out: dict[int, int] = {}
+        for t, s in zip(targets[i:j].tolist(), sources[i:j].tolist()):
+            if not exclude[0] <= s < exclude[1]:
+                out.setdefault(t, s)
+        return out
+
     def slot_relocs(self) -> tuple[dict, dict]:
         """(IRELATIVE slots by resolver vaddr, GLOB_DAT/JUMP_SLOT/64 slots by symbol
         name), link-time addresses (elfsyms.read_slot_relocs), parsed once."""
@@ -360,6 +421,20 @@ class _ElfData:
             if seg.vaddr <= vaddr < seg.vaddr + seg.memsz:
                 return seg
         return None
+
+
+BRANCH_INDEX_VERSION = 1
+
+
+def _branch_cache_path(build_id: str | None) -> str | None:
+    """Where the branch index of a file with this build-id is kept (None: no build-id,
+    in-memory only).  ``$UPROBE_OPT_CACHE/..`` like the test targets' cache."""
+    if not build_id:
+        return None
+    env = os.environ.get("UPROBE_OPT_CACHE")
+    base = os.path.dirname(env) if env else os.path.join(os.path.expanduser("~"), ".cache",
+                                                          "uprobe-opt")
+    return os.path.join(base, "branches", f"{build_id}-v{BRANCH_INDEX_VERSION}.npz")
 
 
 _ELF_CACHE: dict[tuple, _ElfData] = {}
@@ -612,7 +687,7 @@ class SymbolResolver:
         ``LIB:NAME`` (LIB as given).  SymbolError when nothing matches."""
         ps = spec if isinstance(spec, ProbeSpec) else parse_spec(spec)
         if not ps.is_glob:
-            return [self.resolve(ps)]
+            return self._warmed([self.resolve(ps)])
         objs = [self._objects_for_lib(ps.lib)] if ps.lib else list(self.iter_libraries())
         sites: dict[int, Site] = {}
         for obj in objs:
@@ -628,7 +703,22 @@ class SymbolResolver:
         if not sites:
             where = ", ".join(o.path for o in objs)
             raise SymbolError(f"no function matches {str(ps)!r} in {where}", pid=self.pid)
-        return [sites[a] for a in sorted(sites)]
+        return self._warmed([sites[a] for a in sorted(sites)])
+
+    def _warmed(self, sites: list[Site]) -> list[Site]:
+        """``sites``, after building (or loading from disk) the branch index of each
+        object they lie in: the optimizer consults it later, possibly while every
+        thread of the target is stopped, so the sweep happens now, while it runs."""
+        done = set()
+        for site in sites:
+            obj = self.find_object(site.addr) if site.func_addr is not None else None
+            if obj is not None and obj.elf is not None and id(obj.elf) not in done:
+                done.add(id(obj.elf))
+                try:
+                    obj.elf.branch_index()
+                except (OSError, ValueError):
+                    pass     # landing_pads() reports it (None: refused) at check time
+        return sites
 
     @staticmethod
     def _glob_funcs(obj: LoadedObject, pattern: str) -> list[_Sym]:
@@ -738,11 +828,12 @@ class SymbolResolver:
         return obj
 
     def landing_pads(self, func_addr: int, func_size: int) -> list[int] | None:
-        """C++ landing pads inside [func_addr, func_addr+func_size) (absolute addresses
-        in this resolver's address space), from the file's .eh_frame and
-        .gcc_except_table; None when those tables could not be parsed or read (then
-        the pads are unknown, not absent).  The unwinder enters them from outside the
-        function's own branches."""
+        """Entry points inside [func_addr, func_addr+func_size) that come from outside
+        the function's own branches, as {absolute address: description or None}: C++
+        landing pads (the file's .eh_frame and .gcc_except_table; the unwinder enters
+        them) and direct branches from other functions of the module (the module's
+        branch index; the description names the branch).  None when the exception
+        tables could not be parsed or read (then the pads are unknown, not absent)."""
         from uprobe_opt import ehtable
         obj = self.find_object(func_addr)
         if obj is None:
@@ -751,9 +842,32 @@ class SymbolResolver:
         try:
             if ehtable.unparsed_in(path, lo, lo + func_size):
                 return None
-            return [obj.bias + pad for pad in ehtable.landing_pads_in(path, lo, lo + func_size)]
+            entries = {obj.bias + pad: None
+                       for pad in ehtable.landing_pads_in(path, lo, lo + func_size)}
         except OSError:
             return None
+        if obj.elf is None:
+            return entries
+        # Direct branches from elsewhere in the module (module-wide check 3).
+        try:
+            into = obj.elf.branches_into(lo, lo + func_size, (lo, lo + func_size))
+        except (OSError, ValueError):
+            return None
+        for target, src in into.items():
+            entries.setdefault(obj.bias + target, self._describe_branch(obj.bias + src))
+        return entries
+
+    def _describe_branch(self, addr: int) -> str:
+        """``jmp at 0x... (in FUNC)`` for the branch instruction at absolute ``addr``."""
+        from uprobe_opt.x86.decode import decode
+        found = self.find_symbol_for(addr)
+        where = f" (in {found[0]})" if found else ""
+        try:
+            insns = decode(self.read_code(addr, 15), addr)
+            what = insns[0].mnemonic if insns else "branch"
+        except SymbolError:
+            what = "branch"
+        return f"{what} at {addr:#x}{where}"
 
     def local_path(self, obj: LoadedObject) -> str:
         """A path the tracer can open for ``obj``'s file (through /proc/PID/root in pid

@@ -7,7 +7,7 @@ nothing in the function can land strictly inside them, and that each can run els
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from .decode import Insn, check_boundary, decode
 from .refusal import Reason, Refusal
@@ -100,6 +100,12 @@ def _scan_function(insns: list[Insn], region: Region,
                            "inside the region")
     for target in sorted(set(extra_targets)):
         if target in region:
+            # A Mapping names where the entry comes from (a branch elsewhere in the
+            # module, found by the module-wide branch index).
+            why = extra_targets.get(target) if isinstance(extra_targets, Mapping) else None
+            if why:
+                return Refusal(Reason.JUMP_INTO_RANGE, target,
+                               f"{why} targets 0x{target:x} inside the region")
             return Refusal(Reason.JUMP_INTO_RANGE, target,
                            f"entry point 0x{target:x} (landing pad or external label) "
                            "is inside the region")

@@ -4,7 +4,7 @@ A thin adapter: every decision lives in the pure modules of this package.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from uprobe_opt import x86
 
@@ -32,7 +32,8 @@ class X86Ops:
               other_probes: Iterable[int] = (), extra_targets: Iterable[int] = ()):
         return x86.can_optimize(func_code, func_addr, func_size, addr,
                                 other_probes=tuple(other_probes),
-                                extra_targets=tuple(extra_targets),
+                                extra_targets=(extra_targets if isinstance(extra_targets, Mapping)
+                                               else tuple(extra_targets)),
                                 shadow_stack=self.shadow_stack)
 
     def prepare(self, region, slot_addr: int, handler):
