@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--json", action="store_true", help="JSON lines output")
     tr.add_argument("-o", "--output", metavar="FILE", help="write our output to FILE")
     tr.add_argument("--no-optimize", action="store_true", help="keep every probe int3")
+    tr.add_argument("--no-kernel-uprobes", action="store_true",
+                    help="keep int3 sites the optimizer refuses on ptrace instead of "
+                         "handing them (count/record handlers) to the kernel's uprobe")
 
     ex = sub.add_parser("explain", help="show how each probe site would be optimized",
                         usage="uprobe-opt explain [-p PID | BINARY] PROBE... [--json]")
@@ -311,6 +314,7 @@ def cmd_trace(ap, args) -> int:
     out = Output(args.output, args.json)
     sink = RecordSink(out, args)
     kw = dict(optimize=not args.no_optimize, log=out.note, buffer_size=args.buffer_bytes,
+              kernel_uprobes=not args.no_kernel_uprobes,
               on_records=sink)
     try:
         # From before the attach until the detach has finished, SIGINT/SIGTERM only set

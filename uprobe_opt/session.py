@@ -40,17 +40,23 @@ class Tracer:
 
     ``optimize``: jump-optimize probes when safe (False: int3 probes only, the CLI's
     ``--no-optimize``).  ``log``: callable for diagnostics (default: stderr).
-    ``buffer_size``: bytes of the record ring buffer (default 8 MiB).  ``on_records``:
+    ``buffer_size``: bytes of the record ring buffer (default 8 MiB).
+    ``kernel_uprobes``: hand int3 sites the optimizer refuses (count and record
+    handlers) to the kernel's own uprobe through perf_event_open, so their hits stop
+    the target no more (see uprobe_opt.core.kernel); where the kernel cannot (no
+    uprobe events, not root) they stay on ptrace.  ``on_records``:
     callable receiving each drained batch of records (a numpy array of
     :data:`uprobe_opt.core.records.HIT_DTYPE`); without it batches accumulate in
     ``record_batches`` (see :meth:`records`).
     """
 
     def __init__(self, target: Target, *, optimize: bool = True, log: Callable = None,
-                 buffer_size: int | None = None, on_records: Callable | None = None):
+                 buffer_size: int | None = None, on_records: Callable | None = None,
+                 kernel_uprobes: bool = True):
         self.target = target
         self.resolver = SymbolResolver(pid=target.pid)
-        self.manager = ProbeManager(target, load_arch(), optimize=optimize, log=log)
+        self.manager = ProbeManager(target, load_arch(), optimize=optimize, log=log,
+                                    kernel_uprobes=kernel_uprobes)
         if buffer_size is not None:
             self.manager.records.buffer_bytes = buffer_size
         self.on_records = on_records
@@ -190,7 +196,8 @@ class Tracer:
         while not (self._stop_requested or self.target.exited or self.exec_seen):
             if until is not None and until():
                 break
-            timeout = 0.01 if self.manager.records.ring is not None else 0.2
+            timeout = 0.01 if self.manager.records.ring is not None \
+                or self.manager.kernel.samples else 0.2
             if self.manager.optimizing:
                 timeout = RETRY_DELAY
             if deadline is not None:
@@ -247,6 +254,17 @@ class Tracer:
                  "hits": p.nhit, "nmissed": p.nmissed, "reason": p.reason}
                 for p in self.probes]
 
+    def tracer_probes(self) -> list[Probe]:
+        """Probes whose hits need the tracer: Python handlers, and int3 sites the
+        kernel does not serve (``kernel_reason`` says why, when it serves none)."""
+        return [p for p in self.probes
+                if p.enabled and not p.is_gone and self.manager.needs_tracer(p.site)]
+
+    @property
+    def kernel_reason(self) -> str | None:
+        """Why int3 sites cannot be handed to kernel uprobes here (None: they can)."""
+        return self.manager.kernel.reason
+
     @property
     def pauses(self) -> list[float]:
         """Seconds each all-threads-stopped pause lasted."""
@@ -269,6 +287,8 @@ class Tracer:
             pass
         finally:
             t.detach()               # also releases our SIGCHLD wakeup when it exited
+            self.deliver_records()
+            self.manager.kernel.close()   # counts kept; events close in the background
             self.deliver_records()
 
     def kill(self) -> None:

@@ -39,10 +39,13 @@ MAX_RETRY_DELAY = 1.0          # seconds between attempts for a long-deferred si
 
 
 class ProbeManager:
-    def __init__(self, target, arch, *, optimize: bool = True, log: Callable = None):
+    def __init__(self, target, arch, *, optimize: bool = True, log: Callable = None,
+                 kernel_uprobes: bool = True):
         self.target = target
         self.arch = arch
         self.optimize_enabled = optimize
+        from uprobe_opt.core.kernel import KernelService
+        self.kernel = KernelService(self, enabled=kernel_uprobes)
         self.sites: dict[int, Site] = {}
         self.probes: list[Probe] = []
         self.trap_sites: dict[int, Site] = {}   # detour trap address -> site
@@ -114,8 +117,14 @@ class ProbeManager:
             probe.nargs = nargs
             site.probes.append(probe)
             self.probes.append(probe)
-            self._probe_enabled(probe)
+            # A kernel-served site may change hands here: the new probe counts from
+            # after the hand-back (every thread stopped), not from before it.
+            served = site.kernel is not None
+            if not served:
+                self._probe_enabled(probe)
             self._site_changed(site)
+            if served:
+                self._probe_enabled(probe)
             probes.append(probe)
         return probes
 
@@ -184,6 +193,8 @@ class ProbeManager:
     def _site_changed(self, site: Site) -> None:
         """Bring a site's patch in line with its probes (all threads stopped)."""
         kind = site.wanted_kind()
+        if site.kernel is not None and kind != site.kernel_kind:
+            self._take_back(site)
         if kind is None:
             self._unoptimize(site)
             self._disarm(site)
@@ -201,6 +212,42 @@ class ProbeManager:
         if (not site.optimized and site.want_optimize
                 and any(p.want_optimize for p in site.enabled_probes())):
             self._enqueue(site)
+
+    def _take_back(self, site: Site) -> None:
+        """A kernel-served site goes back to ptrace (a Python handler, a record probe on
+        a count site, disable): one window; the events are closed before our int3 is
+        written again (closing restores the original byte over any int3)."""
+        with self._stopped():
+            for ev in self.target.poll(0):
+                self.handle_event(ev, resume=False)
+            self.kernel.release(site, wait=True)
+            site.kernel_served = False
+            if site.armed and not self.exec_seen:
+                site.armed = False
+                if site.wanted_kind() is not None:
+                    self._arm(site)
+        self.release_held()
+        site.kernel_note = None
+
+    def needs_tracer(self, site: Site) -> bool:
+        """Does a hit of ``site`` need the tracer?  No when the site jumps to an
+        in-process handler (optimized count/record) or the kernel's uprobe serves it;
+        yes for Python handlers and for int3 sites on ptrace."""
+        if site.wanted_kind() is None:
+            return False
+        if site.wanted_kind() == "python":
+            return True
+        return not (site.optimized or site.kernel is not None)
+
+    def serve_refused(self) -> int:
+        """Hand every int3 site the optimizer refused (count/record only) to the
+        kernel's uprobe.  Returns how many are now served."""
+        todo = [s for s in self.sites.values()
+                if s.refusal is not None and s.kernel is None and s.kernel_note is None
+                and s.want_optimize and self.kernel.can_serve(s) is None]
+        if not todo or self.exited or self.exec_seen:
+            return 0
+        return len(self.kernel.serve(todo))
 
     def _collision_check(self, site: Site) -> None:
         """A new probe inside an optimized region forces that region back to int3
@@ -250,7 +297,10 @@ class ProbeManager:
         if not due:
             return 0
         try:
-            return self._optimize_batch(due, now)
+            done = self._optimize_batch(due, now)
+            self.release_held()
+            self.serve_refused()
+            return done
         except ProcessGone:
             # The target (or a thread) exited or exec'd meanwhile; the target layer
             # refuses writes into a new image.  The wait loop reports the rest; sites
@@ -592,6 +642,7 @@ class ProbeManager:
         for probe in self.probes:
             if probe.registered and not probe.is_gone:
                 probe.gone_reason = "target exec'd a new program"
+        self.kernel.close()
         for site in self.sites.values():
             site.armed = site.optimized = False
         self.optimizing.clear()
@@ -611,6 +662,11 @@ class ProbeManager:
             return []
         for probe in self.probes:
             probe.final_state = probe.state          # what it was while attached
+            probe.final_reason = probe.reason
+        # Every thread is stopped: the kernel's counts are final.  Its events close on
+        # a background thread; our restore writes the original bytes now, so the
+        # kernel's own restore (set_orig_insn) finds no int3 and writes nothing.
+        self.kernel.close()
         self.restore_all()
         notes = self.release_areas()
         for _ in range(20):

@@ -52,6 +52,11 @@ class Site:
     deferrals: int = 0
     deferred: str | None = None    # why the last optimization attempt was deferred
     want_optimize: bool = True     # False under --no-optimize (Tracer(optimize=False))
+    kernel: Any = None             # the KernelService serving this int3 site, or None
+    kernel_base: list = field(default_factory=lambda: [0, 0])   # kernel [hits, missed]
+    kernel_kind: str | None = None  # the handler kind the kernel serves (count/record)
+    kernel_served: bool = False    # served by the kernel until the end (summary)
+    kernel_note: str | None = None  # why the kernel does not serve it (tried, refused)
 
     def enabled_probes(self) -> list["Probe"]:
         return [p for p in self.probes if p.enabled]
@@ -91,6 +96,7 @@ class Probe:
         self.nerrors = 0            # exceptions raised by pre_handler
         self.nargs = 6              # argument registers a record captures (0-6)
         self.final_state: ProbeState | None = None   # state when the tracer detached
+        self.final_reason: str | None = None
         self._hits = 0              # hits seen by the tracer (int3 path, detour traps)
         self._frozen = [0, 0]       # in-process [hits, missed] while previously enabled
         self._snap = [0, 0]         # site [hits, missed] counters when last enabled
@@ -122,12 +128,16 @@ class Probe:
     @property
     def reason(self) -> str | None:
         """Why this probe is not optimized (None when optimized or not asked to be)."""
+        if self.final_state is not None:
+            return self.final_reason
         if self.is_gone:
             return self.gone_reason
         if self.state is ProbeState.OPTIMIZED or not self.want_optimize \
                 or not self.site.want_optimize:
             return None
         if self.site.refusal is not None:
+            if self.site.kernel_served:
+                return f"int3 (kernel uprobe): {self.site.refusal}"
             return str(self.site.refusal)
         if self.state is ProbeState.INT3:
             if self.site.deferred:
@@ -140,9 +150,13 @@ class Probe:
 
 
 def site_counts(site: Site) -> list[int]:
-    """The site's in-process [hits, missed] counters now."""
-    return [site.counter.value() if site.counter is not None else 0,
-            site.missed.value() if site.missed is not None else 0]
+    """The site's [hits, missed] counted without the tracer: in-process counters plus
+    the kernel uprobe's, while and since it served the site."""
+    k = site.kernel.counts(site) if site.kernel is not None else [0, 0]
+    return [(site.counter.value() if site.counter is not None else 0)
+            + site.kernel_base[0] + k[0],
+            (site.missed.value() if site.missed is not None else 0)
+            + site.kernel_base[1] + k[1]]
 
 
 def _probe_counted(self: Probe, i: int) -> int:

@@ -142,9 +142,30 @@ class Records:
         out["args"] = [r[4] for r in rows]
         self.pending.append(out)
 
+    def stash_kernel(self, samples) -> None:
+        """Samples of sites the kernel serves (perf SAMPLE_DTYPE) into ``pending``."""
+        if samples is None or not len(samples):
+            return
+        out = np.empty(len(samples), dtype=HIT_DTYPE)
+        out["site"] = samples["key"]
+        keys, inverse = np.unique(samples["key"], return_inverse=True)
+        nargs = [max((p.nargs for p in self.manager.site_by_id[int(k)].probes
+                      if p.handler == "record"), default=6) for k in keys]
+        out["nargs"] = np.array(nargs, dtype=np.uint32)[inverse]
+        out["time_ns"] = samples["time_ns"]
+        out["tid"] = samples["tid"]
+        out["args"] = samples["args"]
+        self.pending.append(out)
+        self.nrecords += len(out)
+
     def drain(self) -> None:
         """Move committed ring records (after the tracer's own, which came first) into
-        ``pending``, converted."""
+        ``pending``, converted; then the kernel's samples (sites handed over after
+        their tracer-made records)."""
+        self._drain_ring()
+        self.stash_kernel(self.manager.kernel.take_records())
+
+    def _drain_ring(self) -> None:
         self._flush_trap_rows()
         if self.ring is None:
             return

@@ -1,0 +1,172 @@
+"""Int3 sites served by the kernel's own uprobe (see uprobe_opt.target.perf).
+
+A site that stays int3 (the optimizer refused a jump there) with only ``count`` or
+``record`` probes needs no tracer: the kernel takes the trap, runs the displaced
+instruction out of line, and counts (and samples) each hit.  The hand-over happens in
+one window with every thread stopped: the kernel's installer finds our int3 already
+in place and writes nothing (kernel/events/uprobes.c ``verify_opcode``), so from the
+first open every hit is the kernel's and none is lost or seen twice.  The instruction
+it runs out of line is the file's, so a site is handed over only when the bytes we
+displaced equal the file's bytes there.
+
+Giving a site back (a Python handler added there, disable, detach) happens in a window
+too: the events are closed first (the kernel puts the original byte back over the
+int3, ``set_orig_insn``), then our int3 is rewritten or the original kept.
+"""
+from __future__ import annotations
+
+import os
+
+from uprobe_opt.errors import TargetError
+
+KERNEL_KINDS = ("count", "record")
+
+
+class KernelService:
+    """The kernel uprobes of one ProbeManager.  ``enabled`` False (Tracer
+    kernel_uprobes=False, or unavailable: ``reason`` says why) keeps every int3 site
+    on ptrace."""
+
+    def __init__(self, manager, enabled: bool = True):
+        self.manager = manager
+        self.ku = None
+        self.reason: str | None = None
+        self.enabled = enabled
+        if enabled:
+            from uprobe_opt.target import perf
+            self.reason = perf.unavailable_reason() or perf.tracefs_unavailable()
+            if self.reason is not None:
+                self.enabled = False
+        else:
+            self.reason = "kernel uprobes turned off"
+
+    # -- predicates --------------------------------------------------------------------
+    def can_serve(self, site) -> str | None:
+        """None when ``site`` can be handed to the kernel, else why not."""
+        if not self.enabled:
+            return self.reason
+        if site.wanted_kind() not in KERNEL_KINDS:
+            return "a Python handler runs in the tracer"
+        if site.optimized or not site.armed:
+            return "not an int3 site"
+        return None
+
+    # -- hand-over ---------------------------------------------------------------------
+    def serve(self, sites) -> list:
+        """Hand ``sites`` to the kernel: prepared while the target runs, armed in one
+        window.  Returns the sites now served; a site the kernel refuses keeps ptrace
+        (its ``kernel_note`` says why)."""
+        from uprobe_opt.target import perf
+        m = self.manager
+        ready = []
+        maps = m.target.maps()
+        for site in sites:
+            loc = perf.file_location(m.target.pid, site.addr, maps)
+            if loc is None:
+                site.kernel_note = "not in a file mapping"
+                continue
+            path, offset, _, _ = loc
+            if not self._file_matches(path, offset, site):
+                continue
+            try:
+                if self.ku is None:
+                    # The record buffer the user sized, shared out over the CPU rings.
+                    ncpu = len(perf.online_cpus())
+                    self.ku = perf.KernelUprobes(
+                        m.target.pid, ring_bytes=max(64 << 10,
+                                                     m.records.buffer_bytes // ncpu))
+                self.ku.prepare(site.id, path, offset,
+                                sample=site.wanted_kind() == "record")
+            except TargetError as e:
+                site.kernel_note = str(e)
+                if self.ku is not None and site.id in self.ku.sites:
+                    self.ku.remove(site.id, wait=True)
+                continue
+            ready.append(site)
+        return self._arm(ready)
+
+    def _file_matches(self, path: str, offset: int, site) -> bool:
+        n = len(site.orig)
+        try:
+            with open(path, "rb") as f:
+                data = os.pread(f.fileno(), n, offset)
+        except OSError as e:
+            site.kernel_note = f"cannot read {path}: {e.strerror}"
+            return False
+        if data != bytes(site.orig[:n]):
+            site.kernel_note = ("the process's instruction differs from the file's "
+                                "(the kernel would run the file's)")
+            return False
+        return True
+
+    def _arm(self, ready: list) -> list:
+        if not ready:
+            return []
+        m = self.manager
+        done = []
+        with m._stopped():
+            # Traps taken before the stop are ours (counted by the tracer).
+            for ev in m.target.poll(0):
+                m.handle_event(ev, resume=False)
+            if m.exited or m.exec_seen:
+                return []
+            tids = m.target.tids
+            for site in ready:
+                if not site.armed or site.optimized or \
+                        site.wanted_kind() not in KERNEL_KINDS:
+                    self.ku.remove(site.id, wait=False)
+                    continue
+                try:
+                    self.ku.arm(site.id, tids)
+                except TargetError as e:
+                    site.kernel_note = str(e)
+                    continue
+                site.kernel = self
+                site.kernel_kind = site.wanted_kind()
+                site.kernel_served = True
+                done.append(site)
+        m.release_held()
+        return done
+
+    @property
+    def samples(self) -> bool:
+        """Some served site records (the tracer drains its rings often)."""
+        return self.ku is not None and bool(self.ku.rings)
+
+    # -- counts --------------------------------------------------------------------------
+    def counts(self, site) -> list[int]:
+        """[hits, missed] the kernel counted at ``site`` since it was handed over."""
+        if getattr(site, "kernel", None) is not self or site.id not in self.ku.sites:
+            return [0, 0]
+        try:
+            return [self.ku.count(site.id), self.ku.nmissed(site.id)]
+        except OSError:
+            return [0, 0]
+
+    def take_records(self):
+        """Samples drained so far (perf SAMPLE_DTYPE), or None."""
+        if self.ku is None or not self.ku.rings:
+            return None
+        return self.ku.take(final=self.manager.target.stopped or self.manager.exited)
+
+    # -- giving back -------------------------------------------------------------------
+    def release(self, site, *, wait: bool) -> None:
+        """Close ``site``'s kernel events (all threads stopped).  ``wait``: before our
+        own int3 goes back (a late close would restore the original byte over it)."""
+        if getattr(site, "kernel", None) is not self:
+            return
+        self.manager.records.stash_kernel(self.ku.take(final=True))
+        now = self.counts(site)
+        site.kernel_base = [b + n for b, n in zip(site.kernel_base, now)]
+        site.kernel = None
+        self.ku.remove(site.id, wait=wait)
+
+    def release_all(self, *, wait: bool = False) -> None:
+        for site in list(self.manager.sites.values()):
+            self.release(site, wait=wait)
+
+    def close(self) -> None:
+        """Close everything, on a background thread (the target is not stopped by it)."""
+        if self.ku is not None:
+            self.release_all()
+            self.ku.close(wait=False)
