@@ -193,7 +193,7 @@ def test_handover_of_our_int3_while_hot(kernel):
     k = 200_000
     exe = build_target("hz_switch")
     r, w = os.pipe()
-    tr = Tracer.spawn([exe, str(k)], stdout=w)
+    tr = Tracer.spawn([exe, str(k)], stdout=w, kernel_uprobes=False)   # ours here
     os.close(w)
     probe = tr.add_probe("classify", handler="count")
     tr.run(until=lambda: probe.nhit >= 2000)      # hot: a stop per hit
@@ -229,7 +229,7 @@ def test_kernel_runs_the_files_instruction_and_restores_one_byte(kernel):
     k = 100_000
     exe = build_target("hz_switch")
     r, w = os.pipe()
-    tr = Tracer.spawn([exe, str(k)], stdout=w)
+    tr = Tracer.spawn([exe, str(k)], stdout=w, kernel_uprobes=False)   # ours here
     os.close(w)
     probe = tr.add_probe("classify", handler="count")
     t = tr.target
