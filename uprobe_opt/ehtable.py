@@ -59,6 +59,7 @@ from elftools.dwarf.structs import DWARFStructs
 from elftools.elf.elffile import ELFFile
 
 __all__ = ["landing_pads", "landing_pads_in", "unparsed_in", "stats", "EhStats",
+           "fde_ranges", "fde_ranges_of",
            "parse_lsda", "LsdaError", "clear_cache"]
 
 DW_EH_PE_omit = 0xFF
@@ -431,3 +432,100 @@ def stats(path) -> dict:
     call_sites, functions_with_pads, landing_pads, bad_fdes, bad_lsdas,
     bad_fde_offsets, unparsed (function starts), errors, reason, seconds."""
     return _table(path).stats.as_dict()
+
+
+# ---------------------------------------------------------------------------------------
+# Function bounds from FDEs (stripped files keep .eh_frame: the unwinder needs it)
+
+def _cie_fde_encoding(buf: bytes, pos: int, end: int) -> int:
+    """The FDE pointer encoding ('R' augmentation) of the CIE whose body starts at
+    ``pos`` (after its id); DW_EH_PE_absptr when the CIE has none (DWARF 5, 6.4.1 and
+    the LSB's .eh_frame augmentation rules)."""
+    version = buf[pos]
+    aug_end = buf.index(b"\0", pos + 1)
+    aug = buf[pos + 1:aug_end].decode("ascii", "replace")
+    pos = aug_end + 1
+    if "eh" in aug:
+        pos += 8
+    _, pos = _uleb(buf, pos)                     # code alignment
+    _, pos = _sleb(buf, pos)                     # data alignment
+    if version == 1:
+        pos += 1                                 # return address register
+    else:
+        _, pos = _uleb(buf, pos)
+    if not aug.startswith("z"):
+        return 0x00
+    _, pos = _uleb(buf, pos)                     # augmentation data length
+    for c in aug[1:]:
+        if c == "R":
+            return buf[pos]
+        if c == "P":
+            enc = buf[pos]
+            _, pos = _read_encoded(buf, pos + 1, enc & ~DW_EH_PE_indirect, 0, 0)
+        elif c == "L":
+            pos += 1
+        elif c not in "SBG":
+            break                                # unknown: the rest cannot be read
+    return 0x00
+
+
+def _parse_fde_ranges(path: str) -> list[tuple[int, int]]:
+    with open(path, "rb") as f:
+        return fde_ranges_of(f)
+
+
+def fde_ranges_of(f) -> list[tuple[int, int]]:
+    """:func:`fde_ranges` of the ELF file open in ``f`` (not cached)."""
+    try:
+        elf = ELFFile(f)
+        eh = elf.get_section_by_name(".eh_frame")
+        if eh is None or eh["sh_type"] == "SHT_NOBITS" or not eh["sh_size"]:
+            return []
+        buf, base = eh.data(), eh["sh_addr"]
+    except Exception:  # noqa: BLE001 - not ELF / truncated: no bounds
+        return []
+    out: list[tuple[int, int]] = []
+    encodings: dict[int, int] = {}
+    off = 0
+    while off + 8 <= len(buf):
+        (length,) = struct.unpack_from("<I", buf, off)
+        if length == 0:
+            off += 4
+            continue
+        if length == 0xFFFFFFFF:
+            break                                # 64-bit DWARF .eh_frame: not emitted on x86-64
+        id_off, nxt = off + 4, off + 4 + length
+        if nxt > len(buf):
+            break
+        (cie_id,) = struct.unpack_from("<I", buf, id_off)
+        try:
+            if cie_id == 0:
+                encodings[off] = _cie_fde_encoding(buf, id_off + 4, nxt)
+            else:
+                enc = encodings.get(id_off - cie_id)
+                if enc is None:
+                    enc = encodings[id_off - cie_id] = _cie_fde_encoding(
+                        buf, id_off - cie_id + 8, nxt)
+                start, pos = _read_encoded(buf, id_off + 4, enc, base, 0)
+                size, _ = _read_encoded(buf, pos, enc & 0x0F, base, 0)
+                if size:
+                    out.append((start, start + size))
+        except (LsdaError, IndexError, ValueError, struct.error):
+            pass                                 # one unreadable entry: that function unknown
+        off = nxt
+    out.sort()
+    return out
+
+
+_fde_cache: dict[tuple, list[tuple[int, int]]] = {}
+
+
+def fde_ranges(path) -> list[tuple[int, int]]:
+    """[(start, end)] link-time address ranges of every FDE of ``path``'s .eh_frame,
+    sorted: the bounds of every function with unwind information, present in stripped
+    binaries.  Empty without .eh_frame; OSError when the file cannot be opened."""
+    key = _key(path)
+    got = _fde_cache.get(key)
+    if got is None:
+        got = _fde_cache[key] = _parse_fde_ranges(key[0])
+    return got

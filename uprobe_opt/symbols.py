@@ -25,7 +25,8 @@ pyelftools for the section headers, numpy over the ``Elf64_Sym`` arrays; Debian'
 ~20 ms where iterating pyelftools ``Symbol`` objects took ~640 ms), parsed once per file
 (cached process-wide, keyed by path + device + inode + mtime + size).  Where the file has
 no name for a name or an address, its separate debug file (build-id or .gnu_debuglink)
-or its MiniDebugInfo (.gnu_debugdata) is read once.  Versioned names: ``name@VER`` and
+or its MiniDebugInfo (.gnu_debugdata) is read once; where no name covers an address,
+its .eh_frame FDE gives the function's bounds (unnamed).  Versioned names: ``name@VER`` and
 ``name@@VER`` name one version; a bare name binds to the default version as the dynamic
 linker does.  GNU IFUNC symbols resolve, in a process, to the implementation that
 process runs (:mod:`uprobe_opt.ifunc`): the Site's ``spec`` reads
@@ -236,6 +237,7 @@ class _ElfData:
         self.debug_source: str | None = None   # where the secondary names came from
         self._relocs: tuple[dict, dict] | None = None
         self._branches = None
+        self._fdes: list[tuple[int, int]] | None = None
         with opener() as f:
             try:
                 elf = ELFFile(f)
@@ -332,8 +334,28 @@ class _ElfData:
 
     def containing_func(self, vaddr: int) -> _Sym | None:
         """The function symbol (with size) covering link-time address ``vaddr``: the
-        file's own, else the debug file's."""
-        return self.primary().containing(vaddr) or self.secondary().containing(vaddr)
+        file's own, else the debug file's, else an unnamed function (``name`` None)
+        whose bounds are the .eh_frame FDE covering it (stripped files keep them)."""
+        found = self.primary().containing(vaddr) or self.secondary().containing(vaddr)
+        if found is not None:
+            return found
+        fdes = self.fde_ranges()
+        i = bisect.bisect_right(fdes, (vaddr, 1 << 64)) - 1
+        if i >= 0 and fdes[i][0] <= vaddr < fdes[i][1]:
+            start, end = fdes[i]
+            return _Sym(None, start, end - start, STT_FUNC, STB_LOCAL, False)
+        return None
+
+    def fde_ranges(self) -> list[tuple[int, int]]:
+        """Sorted (start, end) link-time bounds of every FDE (ehtable.fde_ranges)."""
+        if self._fdes is None:
+            from uprobe_opt import ehtable
+            try:
+                with self._opener() as f:
+                    self._fdes = ehtable.fde_ranges_of(f)
+            except OSError:
+                return []
+        return self._fdes
 
     def all_names(self) -> list[str]:
         return list(self.primary().by_name) + list(self.secondary().by_name)
@@ -379,6 +401,8 @@ class _ElfData:
                     return data[start - vaddr:start - vaddr + size]
             return None
         funcs = [(s.value, s.size) for s in self.iter_functions()]
+        named = {start for start, _ in funcs}
+        funcs += [(lo, hi - lo) for lo, hi in self.fde_ranges() if lo not in named]
         srcs, dsts = sweep_branches(funcs, read)
         order = np.argsort(np.asarray(dsts, np.uint64), kind="stable")
         targets = np.asarray(dsts, np.uint64)[order]
@@ -423,7 +447,7 @@ class _ElfData:
         return None
 
 
-BRANCH_INDEX_VERSION = 1
+BRANCH_INDEX_VERSION = 2
 
 
 def _branch_cache_path(build_id: str | None) -> str | None:
@@ -956,7 +980,9 @@ class SymbolResolver:
         if obj is None or obj.elf is None:
             return None
         func = obj.elf.containing_func(addr - obj.bias)
-        return (func.name, obj.bias + func.value, func.size) if func else None
+        if func is None:
+            return None
+        return (func.name or f"{obj.bias + func.value:#x}", obj.bias + func.value, func.size)
 
     def find_data_symbol(self, name: str, lib: str | None = None) -> int | None:
         """Absolute address of symbol ``name`` (any type, e.g. an object), first
