@@ -139,9 +139,12 @@ class KernelUprobes:
         k.profile_counts()             # the same from uprobe_profile (nhit deltas)
 
     ``threads``: the tids to count (default: every thread of pid at creation).
+    ``retprobe``: define return probes (``r:`` events, kernel uretprobes: they fire
+    at each return, through the kernel's hijacked return address).
     """
 
-    def __init__(self, pid: int, specs, threads=None):
+    def __init__(self, pid: int, specs, threads=None, retprobe: bool = False):
+        self.kind = "r" if retprobe else "p"
         self.root = tracefs()
         self.pid = pid
         self.group = f"uopt_test_{os.getpid()}_{pid}"
@@ -171,7 +174,7 @@ class KernelUprobes:
             off = file_offset(path, sym)
             ev = f"u{os.getpid()}_{self.pid}_{i}_{sym}"[:60]   # unique in uprobe_profile
             self.events[spec] = ev
-            lines.append(f"p:{self.group}/{ev} {path}:{off:#x}")
+            lines.append(f"{self.kind}:{self.group}/{ev} {path}:{off:#x}")
         for line in lines:
             try:
                 _append(self.root / "uprobe_events", line)

@@ -31,18 +31,26 @@ def build_parser() -> argparse.ArgumentParser:
                         usage="uprobe-opt trace [-p PID] PROBE... [options] [-- COMMAND [ARG...]]")
     tr.add_argument("-p", "--pid", type=int, help="attach to this running process")
     tr.add_argument("probes", nargs="*", metavar="PROBE",
-                    help="SYMBOL, SYMBOL+0xOFF, LIB:SYMBOL[+0xOFF] or 0xADDR")
-    tr.add_argument("--handler", choices=("print", "record", "count", "python"),
+                    help="SYMBOL, SYMBOL+0xOFF, LIB:SYMBOL[+0xOFF] or 0xADDR; "
+                         "SYMBOL%%return (or uretprobe:SYMBOL) probes every exit of "
+                         "the function")
+    tr.add_argument("--handler", choices=("print", "record", "count", "python", "latency"),
                     default="print",
                     help="print (default): a line per hit from in-process records; "
                          "record: the same, kept for --hist without lines; count: only "
                          "the summary; python: --python FILE:FUNCTION as "
-                         "pre_handler(probe, regs), one stop per hit")
+                         "pre_handler(probe, regs), one stop per hit; latency: "
+                         "SPEC%%return calls matched with their entries, durations "
+                         "(--hist latency, --json)")
     tr.add_argument("--python", metavar="FILE:FUNCTION", help="pre_handler for --handler python")
     tr.add_argument("--args", type=int, default=6, metavar="N",
                     help="integer argument registers captured per record (0-6, default 6)")
     tr.add_argument("--hist", metavar="argN",
-                    help="at the end, a log2 histogram of argument N per probe")
+                    help="at the end, a log2 histogram of argument N per probe; "
+                         "'latency': of the call durations (ns) per return probe")
+    tr.add_argument("--perfetto", metavar="FILE",
+                    help="write the calls of return probes (slices per thread) and "
+                         "other hits (instant events) as a Perfetto trace")
     tr.add_argument("--buffer-size", metavar="BYTES", default="8M",
                     help="record ring buffer size, at most 1G (suffix K, M or G; default "
                          "8M; records are 80 bytes and their number is rounded down to a "
@@ -278,11 +286,11 @@ def _mem_available() -> int | None:
 
 def parse_hist(text: str | None) -> int | None:
     from uprobe_opt.errors import UsageError
-    if text is None:
+    if text is None or text == "latency":
         return None
     if len(text) == 4 and text.startswith("arg") and text[3] in "012345":
         return int(text[3])
-    raise UsageError(f"--hist wants arg0..arg5, not {text!r}")
+    raise UsageError(f"--hist wants arg0..arg5 or latency, not {text!r}")
 
 
 def _validate(ap, args) -> None:
@@ -304,7 +312,21 @@ def _validate(ap, args) -> None:
         raise UsageError(f"--hist {args.hist} needs --args {args.hist_arg + 1} or more")
     if args.hist_arg is not None and args.handler not in ("print", "record"):
         raise UsageError("--hist needs --handler record or print")
+    _validate_returns(args)
     args.buffer_bytes = parse_size(args.buffer_size)
+
+
+def _validate_returns(args) -> None:
+    """--hist latency / --handler latency need a return probe that records."""
+    from uprobe_opt.core.calls import split_return_spec
+    from uprobe_opt.errors import UsageError
+    returns = any(split_return_spec(p)[1] for p in args.probes)
+    if args.hist == "latency" and not returns:
+        raise UsageError("--hist latency needs a return probe (SPEC%return)")
+    if args.hist == "latency" and args.handler not in ("print", "record", "latency"):
+        raise UsageError("--hist latency needs --handler latency, record or print")
+    if args.handler == "latency" and not returns:
+        raise UsageError("--handler latency needs a return probe (SPEC%return)")
 
 
 def cmd_trace(ap, args) -> int:
@@ -324,6 +346,8 @@ def cmd_trace(ap, args) -> int:
                       else Tracer.spawn(args.command, **kw))
             sink.tracer = tracer
             stop.tracer = tracer
+            from uprobe_opt.retout import CallSink
+            sink.calls = tracer.calls.on_call = CallSink(out, args)
             out.on_broken = tracer.request_stop
             code = _trace_session(tracer, args, out, pre, sink)
         if args.pid is None:
@@ -343,8 +367,11 @@ class RecordSink:
         self.hist_arg = getattr(args, "hist_arg", None)
         self.hists: dict[int, object] = {}
         self.tracer = None
+        self.calls = None           # retout.CallSink of the return probes
 
     def __call__(self, batch) -> None:
+        if self.calls is not None and self.calls.perfetto is not None:
+            self.calls.perfetto.add_batch(batch, self.tracer)
         if self.print_lines:
             self.out.records(batch, self.tracer, self.nargs)
         if self.hist_arg is not None:
@@ -379,8 +406,12 @@ class Status:
 
 
 def _trace_session(tracer, args, out: Output, pre, sink: RecordSink) -> int:
-    handler = {"print": "record", "record": "record", "count": "count",
-               "python": "python"}[args.handler]
+    handler = {"print": "print", "record": "record", "count": "count",
+               "python": "python", "latency": "latency"}[args.handler]
+    if handler == "print":        # records printed by the CLI
+        from uprobe_opt.core.calls import split_return_spec
+        if not any(split_return_spec(p)[1] for p in args.probes):
+            handler = "record"
     try:
         tracer.add_probes(args.probes, pre, handler=handler, nargs=args.args)
     except BaseException as exc:
@@ -404,8 +435,13 @@ def _trace_session(tracer, args, out: Output, pre, sink: RecordSink) -> int:
         out.note(note)
     if sink.hists:
         _print_hists(out, tracer, sink)
+    from uprobe_opt import retout
+    retout.report(out, tracer, args)
+    if sink.calls is not None and sink.calls.perfetto is not None:
+        sink.calls.perfetto.pid = tracer.pid
+        sink.calls.perfetto.write(args.perfetto)
     rows = tracer.summary()
-    out.summary(rows)
+    out.summary(rows if out.json else retout.summary_rows(rows))
     dropped = sum(r["nmissed"] for r in rows)
     if dropped and not out.json:
         out.note(f"{dropped} records dropped (ring buffer full): try a larger --buffer-size")

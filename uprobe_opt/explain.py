@@ -104,13 +104,115 @@ def cmd_explain(args) -> int:
             raise UsageError(f"no such file {items[0]!r}")
         resolver = SymbolResolver(binary=items[0])
         maps, specs = None, items[1:]
+    from uprobe_opt.core.calls import split_return_spec
     for spec in specs:
+        if split_return_spec(spec)[1]:
+            res = explain_return(resolver, spec, maps)
+            if args.json:
+                print(json.dumps({"event": "explain", **res}))
+            else:
+                _print_return_text(res)
+            continue
         res = explain_site(resolver, spec, maps)
         if args.json:
             print(json.dumps({"event": "explain", **res}))
         else:
             _print_text(res)
     return 0
+
+
+def explain_return(resolver: SymbolResolver, spec: str, maps=None) -> dict:
+    """``SPEC%return``: the function's entry (where a recording handler pairs its
+    calls) and every exit, each with its region, its exit detour and whether it is
+    jump-optimizable, or the reason it stays int3.  Raises SymbolError when the spec is
+    not a function start or the body cannot be decoded."""
+    from uprobe_opt.core.calls import split_return_spec
+    arch = load_arch()
+    base, _ = split_return_spec(spec)
+    site = resolver.resolve(base)
+    if site.func_addr is None or not site.func_size:
+        raise SymbolError(f"{spec}: no function symbol with a size contains {site.addr:#x}")
+    if site.addr != site.func_addr:
+        raise SymbolError(f"{spec}: a return probe takes a function, not an address inside one")
+    code = resolver.read_code(site.func_addr, site.func_size)
+    found = arch.find_exits(code, site.func_addr, site.func_size)
+    if not isinstance(found, tuple):
+        raise SymbolError(f"{spec}: {found}", addr=site.addr)
+    exits, notes = found
+    pads = resolver.landing_pads(site.func_addr, site.func_size)
+    out = {"probe": spec, "address": f"{site.addr:#x}", "symbol": site.symbol,
+           "function": {"addr": f"{site.func_addr:#x}", "size": site.func_size},
+           "entry": explain_site(resolver, base, maps), "exits": [], "notes": notes}
+    entry_addr = int(out["entry"].get("patched_address", out["address"]), 16)
+    for point in exits:
+        out["exits"].append(_explain_exit(arch, code, site, point, entry_addr, pads, maps))
+    return out
+
+
+def _explain_exit(arch, code, site, point, entry_addr, pads, maps) -> dict:
+    """One exit: what a hit there records (the return value and rsp; a tail call's
+    value is the callee's) and how it is probed."""
+    gets = ("rax (return value), rdx, rsp (the return-address slot, matched with the "
+            "entry)" if point.kind == "ret" else
+            "rsp (matched with the entry; the call ends at the jump, rax is not yet "
+            "the callee's value)")
+    res = {"exit": point.describe(site.func_addr, site.symbol), "kind": point.kind,
+           "address": f"{point.addr:#x}", "insn": str(point.insn), "gets": gets,
+           "region": [], "relocated": [], "optimizable": False, "reason": None}
+    if pads is None:
+        res["reason"] = "exception tables of the function could not be read"
+        return res
+    region = arch.check_exit(code, site.func_addr, site.func_size, point.addr,
+                             [entry_addr], pads)
+    if not hasattr(region, "size"):
+        res["reason"] = str(region)
+        return res
+    res["region"] = [{"addr": f"{i.addr:#x}", "bytes": i.bytes.hex(), "insn": str(i)}
+                     for i in region.insns]
+    res["jump_at"] = f"{region.addr:#x}"
+    slot, reach = _slot_for(region.addr, maps)
+    res["detour"] = reach
+    if slot is None:
+        res["reason"] = reach
+        return res
+    detour = arch.prepare_exit(region, slot, arch.handler_spec(
+        "count", counter_addr=slot + 0x10000))
+    if not hasattr(detour, "code"):
+        res["reason"] = str(detour)
+        return res
+    res["relocated"] = [{"insn": str(i), "relocated": t} for i, t in detour.relocated]
+    res["optimizable"] = True
+    return res
+
+
+def _print_return_text(res: dict, file=sys.stdout) -> None:
+    w = file.write
+    n = len(res["exits"])
+    w(f"{res['probe']}: {res['symbol']} at {res['address']}, {n} exit{'s' * (n != 1)}\n")
+    entry = res["entry"]
+    state = "optimizable" if entry["optimizable"] else f"int3: {entry['reason']}"
+    w(f"  entry at {entry.get('patched_address', entry['address'])} (records the "
+      f"arguments and rsp for latency): {state}\n")
+    for ex in res["exits"]:
+        w(f"  {ex['exit']} ({ex['address']}: {ex['insn']})\n")
+        w(f"    gets: {ex['gets']}\n")
+        if ex["region"]:
+            w(f"    region (jump at {ex['jump_at']}):\n")
+            for i in ex["region"]:
+                w(f"      {i['addr']}  {i['bytes']:<24} {i['insn']}\n")
+        if ex["relocated"]:
+            w("    exit detour: relocated instructions, then the handler with the "
+              "state at the exit, then the exit itself:\n")
+            for r in ex["relocated"]:
+                w(f"      {r['insn']:<40} -> {r['relocated']}\n")
+        w("    optimizable\n" if ex["optimizable"] else f"    int3: {ex['reason']}\n")
+    for note in res["notes"]:
+        w(f"  note: {note}\n")
+    if not res["exits"]:
+        w("  no exit: the function never returns (or leaves only through indirect "
+          "jumps); calls are counted as entries, in flight or unwound\n")
+    if any(ex["kind"] == "tail" for ex in res["exits"]):
+        w("  a tail call ends the call at its jmp (the callee's time is not included)\n")
 
 
 def _print_text(res: dict, file=sys.stdout) -> None:

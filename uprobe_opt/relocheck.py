@@ -444,8 +444,12 @@ def run_original(pages: dict[int, bytes], state: State, region) -> Outcome:
     rep_first = bool({0xF2, 0xF3} & set(first.prefixes)) and \
         first.mnemonic.split()[-1].startswith(_STRING_OPS)
     prev = [None]
+    last = region.insns[-1].addr
+    emu.reached_last = False
 
     def on_code(pc):
+        if pc == last:
+            emu.reached_last = True      # an exit detour's handler runs only then
         if prev[0] is not None:
             if not region.addr <= pc < region.end:
                 return ("exit", pc)
@@ -466,13 +470,17 @@ def run_detour(pages: dict[int, bytes], state: State, detour) -> Outcome:
             emu.map_page(page)
     emu.uc.mem_write(detour.slot_addr, detour.code)
     emu.uc.mem_write(region.addr, detour.jump)
-    emu.phase = 0
+    # An exit detour runs relocated instructions first (phase 1), then the handler
+    # (phase 0), then the exit itself (phase 1 again, from reloc_addr).
+    emu.phase = 0 if detour.handler_addr is None else 1
     has_syscall = any(i.kind == "syscall" for i in region.insns)
     last = region.insns[-1].addr
 
     def on_code(pc):
         if not detour.slot_addr <= pc < detour.end_addr:
             return ("exit", pc)
+        if pc == detour.handler_addr:
+            emu.phase = 0
         if pc == detour.reloc_addr:
             emu.phase = 1
         if has_syscall and emu.phase and _is_syscall(emu, pc):
@@ -562,9 +570,13 @@ def compare(orig: Outcome, det: Outcome, state: State, detour,
         counter = set(range(slot_addr, slot_addr + 8))
         before = int.from_bytes(bytes(orig.emu.read_bytes(sorted(counter)).values()), "little")
         after = int.from_bytes(bytes(det.emu.read_bytes(sorted(counter)).values()), "little")
-        if after != (before + 1) & 0xFFFFFFFFFFFFFFFF:
+        # An exit detour counts only when the exit runs: a jcc before it in the region
+        # may leave first (the original then never reached the exit either).
+        step = 1 if detour.handler_addr is None or getattr(orig.emu, "reached_last", True) \
+            else 0
+        if after != (before + step) & 0xFFFFFFFFFFFFFFFF:
             diffs.append(f"counter {slot_addr:#x} (cpu {state.cpu_id}): {before} -> {after}, "
-                         "expected +1")
+                         f"expected +{step}")
     diffs += _compare_memory(orig, det, counter, state)
     diffs += _compare_reads(orig, det, detour, _scratch_limit(orig, state))
     if diffs and orig.stop[0] in ("error", "fault"):
@@ -694,18 +706,21 @@ def _external_branches(image: CodeImage, func: Function) -> dict[int, str]:
 
 
 def check_site(image: CodeImage, site: Site, *, seed: int = 0, num_states: int = 4,
-               builder: Builder | None = None, slots: list[int] | None = None) -> SiteResult:
+               builder: Builder | None = None, slots: list[int] | None = None,
+               exit: bool = False) -> SiteResult:
     """Analyse one site and, if optimizable, compare its detour with the original
     region in ``num_states`` random states, with a ``none`` and a ``count`` handler.
     ``slots``: fixed slot addresses (state i uses ``slots[i % len(slots)]``) instead of
-    random ones."""
-    builder = builder or x86.build_detour
+    random ones.  ``exit``: the site is a function exit (a return probe's ret or
+    tail-call jmp): its region ends there and its exit detour is compared."""
+    builder = builder or (x86.build_exit_detour if exit else x86.build_detour)
+    analyse = x86.can_optimize_exit if exit else x86.can_optimize
     func, result = site.func, SiteResult(site)
     # 1. the analysis, on the original bytes of the whole function, with the direct
     #    branches of the rest of the module that land in it (the module-wide check 3)
     extra = _external_branches(image, func)
-    region = x86.can_optimize(image.read(func.addr, func.size), func.addr, func.size,
-                              site.addr, extra_targets=extra)
+    region = analyse(image.read(func.addr, func.size), func.addr, func.size,
+                     site.addr, extra_targets=extra)
     if isinstance(region, x86.Refusal):
         result.refusal = region.reason.name
         if region.reason is x86.Reason.JUMP_INTO_RANGE and extra.get(region.addr):
@@ -814,17 +829,31 @@ class FileReport:
         return "\n".join(lines)
 
 
+def find_exit_sites(image: CodeImage, funcs: Iterable[Function]) -> list[Site]:
+    """Every exit (ret, tail-call jmp) of every function that decodes whole."""
+    sites = []
+    for f in funcs:
+        found = x86.find_exits(image.read(f.addr, f.size), f.addr, f.size)
+        if isinstance(found, tuple):
+            sites += [Site(e.addr, f) for e in found[0]]
+    return sites
+
+
 def check_file(path: str, *, sites: int | None = None, seed: int = 0, num_states: int = 4,
                all_boundaries: bool = False, builder: Builder | None = None,
                addrs: Iterable[int] | None = None, shard: tuple[int, int] = (0, 1),
-               on_mismatch: Callable[[Mismatch], None] | None = None) -> FileReport:
+               on_mismatch: Callable[[Mismatch], None] | None = None,
+               exits: bool = False) -> FileReport:
     """Check every site of ``path`` (or ``sites`` of them, sampled with ``seed``; or
     only the sites at ``addrs``, link-time addresses).  ``shard=(i, n)`` keeps every
     n-th site from the i-th: n processes cover the file once (see :meth:`FileReport.merge`)."""
     t0 = time.monotonic()
     image = CodeImage(path)
     funcs = iter_functions(image)
-    all_sites = find_sites(image, funcs, all_boundaries or addrs is not None)
+    if exits:
+        all_sites = find_exit_sites(image, funcs)
+    else:
+        all_sites = find_sites(image, funcs, all_boundaries or addrs is not None)
     if addrs is not None:
         wanted = set(addrs)
         all_sites = [s for s in all_sites if s.addr in wanted]
@@ -832,7 +861,8 @@ def check_file(path: str, *, sites: int | None = None, seed: int = 0, num_states
         all_sites = sorted(random.Random(seed).sample(all_sites, sites), key=lambda s: s.addr)
     report = FileReport(path, functions=len(funcs))
     for site in all_sites[shard[0]::shard[1]]:
-        result = check_site(image, site, seed=seed, num_states=num_states, builder=builder)
+        result = check_site(image, site, seed=seed, num_states=num_states, builder=builder,
+                            exit=exits)
         report.add(result)
         for m in result.mismatches:
             if on_mismatch:
@@ -896,6 +926,9 @@ def add_parser(sub):
     p.add_argument("--addr", type=lambda t: int(t, 0), action="append", metavar="ADDR",
                    help="only the site at this link-time address (repeatable; reproduces "
                         "a reported mismatch)")
+    p.add_argument("--exits", action="store_true",
+                   help="check the exit sites of return probes (every ret and tail-call "
+                        "jmp, with their exit detours) instead of function entries")
     p.add_argument("--json", action="store_true", help="JSON lines instead of text")
     return p
 
@@ -908,7 +941,7 @@ def cmd_check_reloc(args) -> int:
         try:
             report = check_file(path, sites=args.sites, seed=args.seed,
                                 num_states=args.states, all_boundaries=args.all_boundaries,
-                                addrs=args.addr,
+                                addrs=args.addr, exits=getattr(args, "exits", False),
                                 on_mismatch=(lambda m: emit(m.to_json())) if emit else None)
         except SymbolError as e:
             print(f"uprobe-opt: check-reloc: {e}", file=sys.stderr)

@@ -63,6 +63,9 @@ class Tracer:
         self.record_batches: list = []
         self.manager.rseq_offset = self._find_rseq_offset()
         self.manager.landing_pads = self.resolver.landing_pads
+        from uprobe_opt.core.calls import CallMatcher
+        self.calls = CallMatcher()          # return probes: entries matched with exits
+        self.return_probes: list = []
         self._stop_requested = False
         self._detached = False
         self.notes: list[str] = []
@@ -130,15 +133,58 @@ class Tracer:
                    ) -> list[Probe]:
         """Like :meth:`add_probe` for many specs at once: one stop of all threads for
         the whole batch, and nothing armed if any spec is bad."""
+        from uprobe_opt.core.calls import split_return_spec
         if handler is None:
             handler = "python" if pre_handler is not None else "count"
         if not 0 <= nargs <= 6:
             raise UsageError(f"nargs must be 0..6, not {nargs}")
-        # One spec may name many sites (a glob: ``libc:str*``); site.spec is the spec
-        # as given, ``libc:strlen -> __strlen_avx2`` for an IFUNC, LIB:NAME per match.
-        items = [(site, handler, pre_handler, site.spec, optimize)
-                 for spec in specs for site in self.resolver.resolve_all(spec)]
-        return self.manager.register_many(items, nargs=nargs)
+        specs = list(specs)
+        if not any(split_return_spec(spec)[1] for spec in specs):
+            if handler == "latency":
+                raise UsageError("handler 'latency' needs a return probe (SPEC%return)")
+            # One spec may name many sites (a glob: ``libc:str*``); site.spec is the spec
+            # as given, ``libc:strlen -> __strlen_avx2`` for an IFUNC, LIB:NAME per match.
+            items = [(site, handler, pre_handler, site.spec, optimize)
+                     for spec in specs
+                     for site in self.resolver.resolve_all(split_return_spec(spec)[0])]
+            return self.manager.register_many(items, nargs=nargs)
+        return self._add_with_returns(specs, pre_handler, handler, optimize, nargs)
+
+    def _add_with_returns(self, specs, pre_handler, handler, optimize, nargs) -> list:
+        """add_probes with return probes among the specs: every site (plain probes,
+        entries, exits) is registered in one all-or-nothing batch.  A return probe
+        comes back as a :class:`~uprobe_opt.core.calls.ReturnProbe`."""
+        from uprobe_opt.core.calls import attach_roles, return_items, split_return_spec
+        plain = "record" if handler in ("latency", "print") else handler
+        items, plan = [], []
+        for spec in specs:
+            base, is_return = split_return_spec(spec)
+            resolved = self.resolver.resolve(base)
+            if not is_return:
+                plan.append(("plain", len(items)))
+                items.append((resolved, plain, pre_handler, spec, optimize))
+                continue
+            rp, entry_item, exit_items = return_items(self.manager, spec, base, resolved,
+                                                      handler, pre_handler, optimize)
+            first = len(items)
+            if entry_item is not None:
+                items.append(entry_item)
+            items += [item for _, item in exit_items]
+            plan.append((rp, first, entry_item is not None, [p for p, _ in exit_items]))
+        probes = self.manager.register_many(items, nargs=nargs)
+        out = []
+        for entry in plan:
+            if entry[0] == "plain":
+                out.append(probes[entry[1]])
+                continue
+            rp, first, has_entry, points = entry
+            entry_probe = probes[first] if has_entry else None
+            exits = probes[first + has_entry: first + has_entry + len(points)]
+            attach_roles(self.manager, rp, entry_probe, exits, points, nargs)
+            self.return_probes.append(rp)
+            self.calls.add(rp)
+            out.append(rp)
+        return out
 
     def enable(self, probe: Probe) -> None:
         self.manager.enable(probe)
@@ -226,6 +272,8 @@ class Tracer:
         """Drain the ring buffer (and int3-path records) and hand the batch to
         ``on_records`` (or keep it in ``record_batches``).  Returns the batch size."""
         batch = self.manager.records.take()
+        if len(batch) and self.return_probes:
+            self.calls.feed(batch)
         if len(batch):
             if self.on_records is not None:
                 self.on_records(batch)
@@ -250,9 +298,10 @@ class Tracer:
     def summary(self) -> list[dict]:
         """One dict per registered probe: probe (spec), address (hex string of the
         requested address), state, hits, nmissed, reason (None when optimized)."""
-        return [{"probe": p.spec, "address": f"{p.addr:#x}", "state": p.state.value,
+        rows = [{"probe": p.spec, "address": f"{p.addr:#x}", "state": p.state.value,
                  "hits": p.nhit, "nmissed": p.nmissed, "reason": p.reason}
-                for p in self.probes]
+                for p in self.probes if p.retprobe is None]
+        return rows + [rp.summary_row() for rp in self.return_probes]
 
     def tracer_probes(self) -> list[Probe]:
         """Probes whose hits need the tracer: Python handlers, and int3 sites the
@@ -278,10 +327,12 @@ class Tracer:
             return
         self._detached = True
         t = self.target
+        live_rsp: dict[int, int] = {}
         try:
             if not t.exited and not self.exec_seen:
                 if not t.stopped:
                     t.stop_all()
+                live_rsp = self._thread_rsps()
                 self.notes += self.manager.shutdown()
         except ProcessGone:
             pass
@@ -290,6 +341,21 @@ class Tracer:
             self.deliver_records()
             self.manager.kernel.close()   # counts kept; events close in the background
             self.deliver_records()
+            self.calls.finish(live_rsp)
+
+    def _thread_rsps(self) -> dict[int, int]:
+        """tid -> rsp of every live thread (all stopped): where each thread's stack
+        stands when tracing ends, for the return probes' in-flight calls."""
+        if not self.return_probes:
+            return {}
+        from uprobe_opt.errors import TargetError
+        out = {}
+        for tid in self.target.tids:
+            try:
+                out[tid] = self.target.get_regs(tid).rsp
+            except TargetError:
+                pass
+        return out
 
     def kill(self) -> None:
         self._detached = True

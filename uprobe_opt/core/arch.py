@@ -43,6 +43,29 @@ class ArchOps(Protocol):
         """Detour (``.code`` for slot_addr, ``.trap_addr``) for region, or Refusal
         (kernel ``arch_prepare_optimized_kprobe``)."""
 
+    def find_exits(self, func_code: bytes, func_addr: int, func_size: int) -> Any:
+        """(exits, notes) of the function, or Refusal: each exit (``.addr``, ``.kind``
+        "ret" or "tail", ``.describe(func_addr, symbol)``) ends a call (return probes)."""
+
+    def check_exit(self, func_code: bytes, func_addr: int, func_size: int, exit_addr: int,
+                   other_probes: Iterable[int], extra_targets: Iterable[int] = ()) -> Any:
+        """Region ENDING with the exit at ``exit_addr`` (it starts a few instructions
+        before it: the jump goes there), or Refusal."""
+
+    def prepare_exit(self, region: Any, slot_addr: int, handler: Any) -> Any:
+        """Exit detour (relocated instructions before the exit, handler with the state
+        at the exit, the exit itself), or Refusal."""
+
+    def unoptimize_exit(self, region: Any, exit_addr: int) -> bytes:
+        """Bytes to write at region.addr (all threads stopped) that undo an exit's
+        jump and put the exit's breakpoint back."""
+
+    def exit_regs(self) -> tuple[str, ...]:
+        """Registers an exit record stores: the return value and the stack pointer."""
+
+    def entry_regs(self, nargs: int) -> tuple[str, ...]:
+        """Registers an entry record of a return probe stores (arguments, stack pointer)."""
+
     def within(self, region: Any, addr: int) -> bool:
         """True when addr lies strictly inside the region: (region.addr, region.addr+size)."""
 

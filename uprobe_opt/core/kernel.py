@@ -49,6 +49,10 @@ class KernelService:
             return "a Python handler runs in the tracer"
         if site.optimized or not site.armed:
             return "not an int3 site"
+        if site.record_regs is not None and site.wanted_kind() == "record":
+            # A return probe's entry or exit: its records carry rsp (and the return
+            # value) for call matching, which the kernel's samples do not.
+            return "a return probe's records need rsp and the return value"
         return None
 
     # -- hand-over ---------------------------------------------------------------------

@@ -78,11 +78,15 @@ class ProbeManager:
         original bytes (kernel recover_probed_instruction): analysis never sees them."""
         buf = bytearray(self.target.read(addr, size))
         for site in self.sites.values():
-            if site.armed and addr - 16 < site.addr < addr + size:
-                patched = self.arch.jump_size if site.optimized else 1
-                for i in range(min(patched, len(site.orig))):
-                    if addr <= site.addr + i < addr + size:
-                        buf[site.addr + i - addr] = site.orig[i]
+            patches = []
+            if site.armed:
+                patches.append((site.addr, site.orig[:1]))
+            if site.optimized:     # the jump: at the site, or before an exit
+                patches.append((site.region.addr, site.region.orig[:self.arch.jump_size]))
+            for at, orig in patches:
+                for i, byte in enumerate(orig):
+                    if addr <= at + i < addr + size:
+                        buf[at + i - addr] = byte
         return bytes(buf)
 
     def _stopped(self):
@@ -157,6 +161,19 @@ class ProbeManager:
         self.site_by_id.append(site)
         self.sites[addr] = site
         return site
+
+    def set_record_regs(self, site: Site, regs: tuple) -> None:
+        """The registers the site's records store (an exit's return value and rsp, an
+        entry's arguments and rsp); a detour built with others is rebuilt."""
+        if site.record_regs == regs:
+            return
+        site.record_regs = regs
+        if site.detour is not None:
+            self._unoptimize(site)
+            if site.detour.trap_addr is not None:
+                self.trap_sites.pop(site.detour.trap_addr, None)
+            site.detour = None
+            self._site_changed(site)
 
     def _probe_enabled(self, probe: Probe) -> None:
         probe._snap = site_counts(probe.site)
@@ -253,7 +270,9 @@ class ProbeManager:
         """A new probe inside an optimized region forces that region back to int3
         (kernel __arm_kprobe -> unoptimize immediately)."""
         for other in list(self.sites.values()):
-            if other is not site and other.optimized and self.arch.within(other.region, site.addr):
+            if other is not site and other.optimized and (
+                    self.arch.within(other.region, site.addr)
+                    or other.region.addr == site.addr):     # an exit's jump starts there
                 self._unoptimize(other)
                 other.detour = None     # its relocated copy would skip the new probe
                 other.refusal = f"probe at {site.addr:#x} inside the region"
@@ -359,26 +378,49 @@ class ProbeManager:
         if pads is None:
             return self._refuse(site, f"exception tables of the function at "
                                       f"{site.func_addr:#x} could not be read")
-        region = self.arch.check(func_code, site.func_addr, site.func_size, site.addr,
-                                 others, pads)
+        if site.exit is not None:
+            region = self.arch.check_exit(func_code, site.func_addr, site.func_size,
+                                          site.addr, others, pads)
+        else:
+            region = self.arch.check(func_code, site.func_addr, site.func_size, site.addr,
+                                     others, pads)
         if not hasattr(region, "size"):
             return self._refuse(site, region)
+        clash = self._region_clash(site, region)
+        if clash is not None:
+            return self._refuse(site, clash)
         try:
             slot = self.pool.slot_near(site.addr)
             spec = self._handler_spec(site, kind)
         except NoDetourSpace as e:
             return self._refuse(site, str(e))
-        detour = self.arch.prepare(region, slot, spec)
+        prepare = self.arch.prepare_exit if site.exit is not None else self.arch.prepare
+        detour = prepare(region, slot, spec)
         if not hasattr(detour, "code"):
             return self._refuse(site, detour)
         self.target.write(slot, detour.code)
         if site.detour is not None and site.detour.trap_addr is not None:
             self.trap_sites.pop(site.detour.trap_addr, None)
         site.region, site.detour, site.detour_kind = region, detour, kind
-        site.orig = region.orig if len(region.orig) >= len(site.orig) else site.orig
+        if region.addr == site.addr and len(region.orig) >= len(site.orig):
+            site.orig = region.orig
         if detour.trap_addr is not None:
             self.trap_sites[detour.trap_addr] = site
         return True
+
+    def _region_clash(self, site: Site, region) -> str | None:
+        """Two jumps must never share a byte.  An exit's region starts before its
+        site, so it can overlap another site's region without either site lying
+        inside the other's region (an entry and an exit of a tiny function)."""
+        lo, hi = region.addr, region.addr + region.size
+        for other in self.sites.values():
+            r = other.region
+            if other is site or r is None or (other.detour is None and not other.optimized):
+                continue
+            if lo < r.addr + r.size and r.addr < hi:
+                return (f"the region {lo:#x}-{hi:#x} overlaps the region "
+                        f"{r.addr:#x}-{r.addr + r.size:#x} of the probe at {other.addr:#x}")
+        return None
 
     def _refuse(self, site: Site, refusal) -> bool:
         site.refusal = refusal
@@ -407,7 +449,7 @@ class ProbeManager:
             "record", counter_addr=site.counter.addr, ncpu_slots=self.ncpu_slots,
             rseq_offset=self.rseq_offset, ring_addr=ring.addr, ring_mask=ring.mask,
             missed_addr=site.missed.addr, probe_id=site.id,
-            nargs=max(p.nargs for p in site.enabled_probes()))
+            nargs=max(p.nargs for p in site.enabled_probes()), regs=site.record_regs)
 
     def _redirect_xol_starts(self, sites: list[Site]) -> None:
         """A thread about to run a site's XOL copy (rip at its first byte) is moved to
@@ -479,9 +521,11 @@ class ProbeManager:
     def _write_jump(self, site: Site) -> None:
         # The breakpoint at site.addr keeps guarding the site while the tail is written;
         # the first byte goes last (kernel text_poke_bp order).
+        at = site.region.addr          # != site.addr for an exit (the region ends there)
         tail, head = self.arch.optimize(site.region, site.detour.slot_addr)
-        self.target.write(site.addr + 1, tail)
-        self.target.write(site.addr, head)
+        self.original.setdefault(at, site.region.orig[: self.arch.jump_size])
+        self.target.write(at + 1, tail)
+        self.target.write(at, head)
         site.optimized = True
         site.refusal = None
         site.deferred = None
@@ -490,6 +534,16 @@ class ProbeManager:
 
     def _unoptimize(self, site: Site) -> None:
         if not site.optimized:
+            return
+        if site.region.addr != site.addr:
+            # An exit: the jump sits before the exit's breakpoint.  No thread stands in
+            # the jump's bytes (it sends every arrival into the detour, which leaves by
+            # the exit itself), so with all threads stopped the original bytes, with
+            # the exit's breakpoint back in them, go in one write.
+            with self._stopped():
+                self.target.write(site.region.addr,
+                                  self.arch.unoptimize_exit(site.region, site.addr))
+            site.optimized = False
             return
         head, tail = self.arch.unoptimize(site.region)
         with self._stopped():      # a multi-byte patch: no thread may fetch meanwhile

@@ -57,6 +57,16 @@ class Site:
     kernel_kind: str | None = None  # the handler kind the kernel serves (count/record)
     kernel_served: bool = False    # served by the kernel until the end (summary)
     kernel_note: str | None = None  # why the kernel does not serve it (tried, refused)
+    exit: Any = None               # arch Exit when this site is a function exit (ret,
+                                   # tail-call jmp) of a return probe; its jump region
+                                   # then ENDS at the exit and starts before it
+    record_regs: tuple | None = None   # registers a record stores (None: argument regs)
+
+    @property
+    def patch_addr(self) -> int:
+        """Where the jump is (or would be) written: the site itself, or for an exit
+        the start of its region, a few instructions before the exit."""
+        return self.region.addr if self.region is not None else self.addr
 
     def enabled_probes(self) -> list["Probe"]:
         return [p for p in self.probes if p.enabled]
@@ -97,6 +107,7 @@ class Probe:
         self.nargs = 6              # argument registers a record captures (0-6)
         self.final_state: ProbeState | None = None   # state when the tracer detached
         self.final_reason: str | None = None
+        self.retprobe = None        # the ReturnProbe this entry/exit probe belongs to
         self._hits = 0              # hits seen by the tracer (int3 path, detour traps)
         self._frozen = [0, 0]       # in-process [hits, missed] while previously enabled
         self._snap = [0, 0]         # site [hits, missed] counters when last enabled

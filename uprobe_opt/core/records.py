@@ -123,11 +123,16 @@ class Records:
         Kept as a tuple until the next drain (one conversion per batch)."""
         if self.ring is not None and self.ring.pending():
             self.drain()             # keep per-thread order: earlier ring records first
-        nargs = max(p.nargs for p in site.enabled_probes())
+        if site.record_regs is not None:        # an exit, or an entry paired with one
+            regs = site.record_regs
+            nargs = len(regs)
+            stored = tuple(values[r] for r in regs) + (0,) * (len(ARG_REGS) - nargs)
+        else:
+            nargs = max(p.nargs for p in site.enabled_probes())
+            stored = tuple(values[r] for r in ARG_REGS)
         # The tracer reads CLOCK_MONOTONIC itself (the thread is stopped right at the
         # hit); ring records get the same clock through the TSC fit.
-        self._trap_rows.append((site.id, nargs, time.monotonic_ns(), tid,
-                                tuple(values[r] for r in ARG_REGS)))
+        self._trap_rows.append((site.id, nargs, time.monotonic_ns(), tid, stored))
         self.nrecords += 1
 
     def _flush_trap_rows(self) -> None:
@@ -192,5 +197,7 @@ class Records:
         return batch
 
     def probes_of(self, site_id: int) -> list:
+        """The plain record probes of a site (the entry and exit probes of a return
+        probe are consumed by :mod:`uprobe_opt.core.calls` instead)."""
         site = self.manager.site_by_id[site_id]
-        return [p for p in site.probes if p.handler == "record"]
+        return [p for p in site.probes if p.handler == "record" and p.retprobe is None]

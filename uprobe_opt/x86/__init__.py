@@ -9,7 +9,8 @@ Refusal), ``writer`` (TrampolineWriter, the only emitter; keystone lives there),
 encoding), ``analysis`` (can_optimize: design.md checks 1-6), ``frame`` (the saved
 register frame, one definition), ``trampoline`` (HandlerSpec, Detour, build_detour:
 check 7 and the slot code), ``ringlayout`` (the "record" ring: layout and protocol,
-shared with the tracer's consumer), ``explain`` (text for ``uprobe-opt explain``).
+shared with the tracer's consumer), ``exits`` (the exits of a function for
+return probes, their regions), ``explain`` (text for ``uprobe-opt explain``).
 """
 from .decode import Insn, check_boundary, decode, decode_one, skip_endbr
 from .refusal import Reason, Refusal
@@ -19,7 +20,8 @@ from .xol import BREAKPOINT, JMP_REL32_SIZE, SLOT_SIZE, XolPlan, jump_bytes, pre
 from .analysis import Region, can_optimize
 from .frame import (FRAME_FIELDS, FRAME_SIZE, RED_ZONE_SIZE, frame_offset, pack_frame,
                     site_rsp, unpack_frame)
-from .trampoline import COUNTER_STRIDE, Detour, HandlerSpec, build_detour
+from .trampoline import COUNTER_STRIDE, Detour, HandlerSpec, build_detour, build_exit_detour
+from .exits import Exit, can_optimize_exit, find_exits
 
 __all__ = [
     "BREAKPOINT", "JMP_REL32_SIZE", "SLOT_SIZE", "Reason", "Refusal", "Insn", "decode",
@@ -27,4 +29,5 @@ __all__ = [
     "TrampolineWriter", "WriterError", "Relocator", "Region", "can_optimize",
     "FRAME_FIELDS", "FRAME_SIZE", "RED_ZONE_SIZE", "frame_offset", "pack_frame",
     "unpack_frame", "site_rsp", "COUNTER_STRIDE", "Detour", "HandlerSpec", "build_detour",
+    "build_exit_detour", "Exit", "can_optimize_exit", "find_exits",
 ]

@@ -8,6 +8,14 @@ from typing import Iterable, Mapping
 
 from uprobe_opt import x86
 
+# What a record stores at an exit: the return value (rax, rdx for 128-bit results) and
+# the rsp at the exit, which points at the return-address slot (SysV ABI 3.2: the
+# caller's `call` pushed it; at the function's first instruction rsp points at it too).
+EXIT_REGS = ("rax", "rdx", "rsp")
+# The entry of a function with a return probe: five argument registers and rsp (a
+# record holds six words).
+ENTRY_ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8")
+
 
 class X86Ops:
     """``shadow_stack``: the target runs with CET shadow stacks (x86_Thread_features:
@@ -35,6 +43,33 @@ class X86Ops:
                                 extra_targets=(extra_targets if isinstance(extra_targets, Mapping)
                                                else tuple(extra_targets)),
                                 shadow_stack=self.shadow_stack)
+
+    def find_exits(self, func_code: bytes, func_addr: int, func_size: int):
+        return x86.find_exits(func_code, func_addr, func_size)
+
+    def check_exit(self, func_code: bytes, func_addr: int, func_size: int, exit_addr: int,
+                   other_probes: Iterable[int] = (), extra_targets: Iterable[int] = ()):
+        return x86.can_optimize_exit(func_code, func_addr, func_size, exit_addr,
+                                     other_probes=tuple(other_probes),
+                                     extra_targets=tuple(extra_targets),
+                                     shadow_stack=self.shadow_stack)
+
+    def prepare_exit(self, region, slot_addr: int, handler):
+        return x86.build_exit_detour(region, slot_addr, handler)
+
+    def exit_regs(self) -> tuple[str, ...]:
+        return EXIT_REGS
+
+    def entry_regs(self, nargs: int) -> tuple[str, ...]:
+        return ENTRY_ARG_REGS[:min(nargs, len(ENTRY_ARG_REGS))] + ("rsp",)
+
+    def unoptimize_exit(self, region, exit_addr: int) -> bytes:
+        """The original bytes under the jump, with the exit's breakpoint back in them
+        when the jump covered it (written while all threads are stopped)."""
+        data = bytearray(region.orig[:x86.JMP_REL32_SIZE])
+        if 0 <= exit_addr - region.addr < len(data):
+            data[exit_addr - region.addr] = x86.BREAKPOINT[0]
+        return bytes(data)
 
     def prepare(self, region, slot_addr: int, handler):
         return x86.build_detour(region, slot_addr, handler)

@@ -51,7 +51,9 @@ class HandlerSpec:
 
     ``record``: counts the hit exactly like ``count``, then appends one record to the
     ring whose header page is at ``ring_addr`` (layout and protocol: ringlayout.py):
-    ``probe_id``, ``nargs`` (0..6: how many of rdi, rsi, rdx, rcx, r8, r9 are stored),
+    ``probe_id``, ``nargs`` (0..6: how many of rdi, rsi, rdx, rcx, r8, r9 are stored;
+    with ``regs`` given, those registers instead, e.g. ``("rax", "rdx", "rsp")`` at an
+    exit, their values as at the probe site: rsp is the site rsp),
     rdtsc and the fs base.  ``ring_mask`` = records - 1.  A full ring drops the record
     and does ``lock inc`` of the u64 at ``missed_addr``, so records + missed == hits.
     """
@@ -65,6 +67,7 @@ class HandlerSpec:
     missed_addr: int = 0
     probe_id: int = 0
     nargs: int = RL.MAX_ARGS
+    regs: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if self.kind not in HANDLER_KINDS:
@@ -78,6 +81,17 @@ class HandlerSpec:
                 raise ValueError(f"nargs must be 0..{RL.MAX_ARGS}, not {self.nargs}")
             if not 0 <= self.probe_id < 1 << 32:
                 raise ValueError(f"probe_id must fit a u32, not {self.probe_id}")
+            if self.regs is not None and (len(self.regs) > RL.MAX_ARGS or set(self.regs)
+                                          - set(GPR_FIELDS) - {"rsp"}):
+                raise ValueError(f"regs must be at most {RL.MAX_ARGS} GPR names, "
+                                 f"not {self.regs}")
+
+    @property
+    def record_regs(self) -> tuple[str, ...]:
+        """The registers a record stores in its args[] slots, in order: ``regs`` when
+        given (an exit stores rax, rdx, rsp), else the first ``nargs`` argument
+        registers."""
+        return self.regs if self.regs is not None else RL.ARG_REGS[:self.nargs]
 
     def counter_slot_addr(self, cpu: int) -> int:
         """Address of the counter the detour increments on CPU ``cpu``."""
@@ -97,6 +111,8 @@ class Detour:
     trap_addr: int | None
     reloc_addr: int
     relocated: tuple[tuple[Insn, str], ...]
+    handler_addr: int | None = None   # exit detours: where the frame save starts (the
+                                      # relocated instructions before it run first)
 
     @property
     def jump(self) -> bytes:
@@ -234,11 +250,18 @@ def put_record_handler(w: TrampolineWriter, spec: HandlerSpec) -> None:
 
 def put_record_fields(w: TrampolineWriter, spec: HandlerSpec) -> None:
     """Fill the slot at rbx except seq.  The argument registers are stored first:
-    rdtsc overwrites rdx."""
-    for i, reg in enumerate(RL.ARG_REGS[:spec.nargs]):
-        w.put_asm(f"mov qword ptr [rbx + {RL.ARGS_OFFSET + 8 * i}], {reg}")
+    rdtsc overwrites rdx.  Registers the handler has clobbered (rax, rbx, rbp, r10,
+    r11) and rsp (moved by the frame) are copied from the frame at rsp, through r11."""
+    regs = spec.record_regs
+    for i, reg in enumerate(regs):
+        dest = f"qword ptr [rbx + {RL.ARGS_OFFSET + 8 * i}]"
+        if reg in RL.ARG_REGS:
+            w.put_asm(f"mov {dest}, {reg}")
+        else:
+            w.put_asm(f"mov r11, qword ptr [rsp + {frame_offset(reg)}]")
+            w.put_asm(f"mov {dest}, r11")
     assert RL.NARGS_OFFSET == RL.PROBE_ID_OFFSET + 4
-    w.put_asm(f"movabs rax, {spec.nargs << 32 | spec.probe_id:#x}")
+    w.put_asm(f"movabs rax, {len(regs) << 32 | spec.probe_id:#x}")
     w.put_asm(f"mov qword ptr [rbx + {RL.PROBE_ID_OFFSET}], rax")
     w.put_bytes(b"\x0f\x31")                                        # rdtsc: edx:eax
     w.put_asm(f"mov dword ptr [rbx + {RL.TSC_OFFSET}], eax")
@@ -328,3 +351,44 @@ def build_detour(region: Region, slot_addr: int, handler: HandlerSpec) -> Detour
         else:
             relocated.append((insn, text))
     return Detour(slot_addr, code, region, trap_addr, reloc_addr, tuple(relocated))
+
+
+# -- exit detours (return probes; see exits.py) ------------------------------------------
+def build_exit_detour(region: Region, slot_addr: int, handler: HandlerSpec
+                      ) -> Detour | Refusal:
+    """The detour of an exit site: ``region`` ends with the exit instruction (a ret or a
+    tail-call jmp).  The instructions before the exit are relocated first, then the
+    frame is saved (rip = the exit's address, rsp = the rsp at the exit, i.e. the
+    return-address slot), the handler runs, the frame is restored and the exit itself
+    runs in the detour.  ``reloc_addr`` is the relocated exit: a thread that trapped on
+    the exit's int3 continues there (same effect as its XOL copy)."""
+    if not fits_rel32(region.addr + JMP_REL32_SIZE, slot_addr):
+        return Refusal(Reason.DETOUR_TOO_FAR, region.addr,
+                       f"no detour page within +-2 GiB of 0x{region.addr:x}")
+    exit_insn = region.insns[-1]
+    w = TrampolineWriter(slot_addr)
+    relocator = Relocator(w, "region")
+    spans = []
+    for insn in region.insns[:-1]:
+        start = w.offset
+        refusal = relocator.write_one(insn, is_last=False)
+        if refusal is not None:
+            return refusal
+        spans.append((insn, start, w.offset))
+    handler_addr = w.pc
+    put_save_frame(w, exit_insn.addr)
+    trap_addr = put_handler(w, handler)
+    put_restore_frame(w)
+    reloc_addr = w.pc
+    start = w.offset
+    refusal = relocator.write_one(exit_insn, is_last=True)
+    if refusal is not None:
+        return refusal
+    spans.append((exit_insn, start, w.offset))
+    code = w.finish()
+    if len(code) > SLOT_SIZE:
+        return Refusal(Reason.NOT_RELOCATABLE, region.addr,
+                       f"the exit detour for 0x{exit_insn.addr:x} needs {len(code)} bytes, "
+                       f"more than a {SLOT_SIZE}-byte slot")
+    relocated = tuple((insn, _render(code, slot_addr, s, e)) for insn, s, e in spans)
+    return Detour(slot_addr, code, region, trap_addr, reloc_addr, relocated, handler_addr)

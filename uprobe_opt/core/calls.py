@@ -1,0 +1,350 @@
+"""Return probes: a probe on every exit of a function, and calls matched in the consumer.
+
+No return address is ever replaced (the way kernel uretprobes, bpftrace, bcc and Frida
+do it, which breaks stack switching, unwinders, backtraces and CET shadow stacks).
+Instead, ``SPEC%return`` (perf probe's spelling; ``uretprobe:SPEC`` is accepted too)
+puts a probe on each exit the arch finds in the function's decoded body (each ``ret``,
+each tail-call ``jmp``), and, for the handlers that record, one on the function's
+entry.  Each exit is a site of its own: int3 first, jump-optimized where proven safe.
+
+Matching (:class:`CallMatcher`): at the entry, rsp holds the address of the
+return-address slot the caller's ``call`` pushed; at each exit rsp points at the very
+same slot.  So per thread, records are matched by rsp on a stack:
+
+* an entry at rsp E first closes, as **unwound**, every open entry at rsp <= E (a call
+  at the same or a higher stack address cannot be nested in them: they ended without
+  passing an exit: longjmp, an exception unwinding through, a signal handler's
+  siglongjmp);
+* an exit at rsp X closes, as unwound, every open entry at rsp < X (deeper calls that
+  never returned), then matches the open entry at rsp == X of the same function:
+  one **call**, duration = exit time - entry time;
+* an exit with no such entry (the call began before the probe was armed) counts as an
+  exit without entry;
+* when tracing ends, entries of threads that are gone (pthread_exit, a killed thread)
+  and entries above the thread's current rsp are unwound; the others are **in
+  flight** (the function was still running, or never returns).
+
+A tail call ends the call at the jump: the callee's time is not part of the caller's
+(``f`` tail-calling ``g`` shows as a call of ``f`` ending at the jmp, then a call of
+``g`` at the same rsp).  Records of one thread arrive in the order it made them
+(core/records.py), which is all the matching needs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+RETURN_SUFFIX = "%return"
+RETURN_PREFIX = "uretprobe:"
+ENTRY_PREFIX = "uprobe:"
+TAIL_CALL_NOTE = "a tail call ends the call at its jmp (the callee's time is not included)"
+
+
+def split_return_spec(spec: str) -> tuple[str, bool]:
+    """``("work", True)`` for ``work%return`` or ``uretprobe:work``; ``("work", False)``
+    for ``work`` or ``uprobe:work``; other specs are returned unchanged."""
+    text = spec.strip()
+    if text.endswith(RETURN_SUFFIX):
+        return text[: -len(RETURN_SUFFIX)], True
+    if text.startswith(RETURN_PREFIX):
+        return text[len(RETURN_PREFIX):], True
+    if text.startswith(ENTRY_PREFIX):
+        return text[len(ENTRY_PREFIX):], False
+    return spec, False
+
+
+@dataclass
+class CallStats:
+    """Counters of one return probe's calls (see the module docstring)."""
+    entries: int = 0
+    exits: int = 0
+    calls: int = 0            # entries matched with their exit
+    unwound: int = 0
+    in_flight: int = 0        # set when tracing ends
+    exits_without_entry: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Call:
+    """One matched call (or an exit without entry: ``start_ns`` None).  Times are
+    CLOCK_MONOTONIC ns; ``retval`` is rax at the exit, ``rdx`` the high half of a
+    128-bit result (both None at a tail call: the callee makes the value); ``args`` the entry's argument registers (rdi, rsi, rdx, rcx, r8)
+    when recorded; ``exit_addr`` the exit instruction (absolute, target)."""
+    probe: "ReturnProbe"
+    tid: int
+    start_ns: int | None
+    end_ns: int
+    retval: int | None
+    rdx: int | None
+    args: tuple
+    exit_addr: int
+    rsp: int
+
+    @property
+    def duration_ns(self) -> int | None:
+        return None if self.start_ns is None else self.end_ns - self.start_ns
+
+
+class ReturnProbe:
+    """What ``SPEC%return`` registered: ``exits`` (one Probe per exit site),
+    ``entry`` (the entry Probe when the handler records, else None), ``exit_points``
+    (the arch's Exit values, same order), ``notes`` (exits that cannot be probed).
+    ``nhit`` is the number of exits taken; ``stats`` the matched calls;
+    ``durations`` the per-call durations in ns (matched calls, in order)."""
+
+    def __init__(self, spec: str, base: str, resolved, handler: str):
+        self.spec = spec
+        self.base = base
+        self.addr = resolved.func_addr
+        self.func_addr = resolved.func_addr
+        self.func_size = resolved.func_size
+        self.symbol = resolved.symbol
+        self.handler = handler
+        self.exits: list = []
+        self.exit_points: list = []
+        self.entry = None
+        self.notes: list[str] = []
+        self.stats = CallStats()
+        self.durations: list[int] = []
+
+    def probes(self) -> list:
+        return ([self.entry] if self.entry is not None else []) + list(self.exits)
+
+    @property
+    def nhit(self) -> int:
+        return sum(p.nhit for p in self.exits)
+
+    @property
+    def nmissed(self) -> int:
+        return sum(p.nmissed for p in self.probes())
+
+    @property
+    def state(self):
+        """optimized when every exit is; int3 when any is (the summary's exit rows
+        say which); the entry's state when there is no exit."""
+        from uprobe_opt.core.probe import ProbeState
+        states = [p.state for p in self.exits] or [p.state for p in self.probes()]
+        if not states:
+            return ProbeState.REGISTERED
+        if all(s is ProbeState.OPTIMIZED for s in states):
+            return ProbeState.OPTIMIZED
+        for s in (ProbeState.GONE, ProbeState.INT3, ProbeState.DISABLED):
+            if s in states:
+                return s
+        return states[0]
+
+    @property
+    def reason(self) -> str | None:
+        parts = []
+        for probe, point in zip(self.exits, self.exit_points):
+            if probe.reason:
+                parts.append(f"{point.describe(self.func_addr, self.symbol)}: {probe.reason}")
+        if self.entry is not None and self.entry.reason:
+            parts.append(f"entry: {self.entry.reason}")
+        if not self.exits:
+            parts.append("no exit found (the function never returns, or leaves only "
+                         "through indirect jumps)")
+        return "; ".join(parts) or None
+
+    def exit_rows(self) -> list[dict]:
+        rows = []
+        for probe, point in zip(self.exits, self.exit_points):
+            rows.append({"exit": point.describe(self.func_addr, self.symbol),
+                         "kind": point.kind, "address": f"{point.addr:#x}",
+                         "state": probe.state.value, "hits": probe.nhit,
+                         "nmissed": probe.nmissed, "reason": probe.reason})
+        return rows
+
+    def summary_row(self) -> dict:
+        row = {"probe": self.spec, "address": f"{self.addr:#x}",
+               "state": self.state.value, "hits": self.nhit, "nmissed": self.nmissed,
+               "reason": self.reason, "exits": self.exit_rows()}
+        if self.entry is not None:
+            row["entry"] = {"address": f"{self.entry.site.addr:#x}",
+                            "state": self.entry.state.value, "hits": self.entry.nhit}
+            row["calls"] = self.stats.as_dict()
+        if any(p.kind == "tail" for p in self.exit_points):
+            row["tail_calls"] = TAIL_CALL_NOTE
+        return row
+
+    def __repr__(self) -> str:
+        return f"<ReturnProbe {self.spec} {len(self.exits)} exits {self.state.value}>"
+
+
+@dataclass
+class _Open:
+    rsp: int
+    start_ns: int
+    site: int
+    args: tuple
+
+
+@dataclass
+class _Role:
+    entry: bool
+    probes: list = field(default_factory=list)    # ReturnProbes of this site
+    func: int = 0
+    rsp_index: int = 0
+    nargs: int = 0
+    exit_addr: int = 0
+    tail: bool = False        # a tail-call exit: rax is not a return value there
+
+
+class CallMatcher:
+    """Pairs entry and exit records per thread by rsp (module docstring).  ``feed`` a
+    drained batch (records.HIT_DTYPE); matched calls go to ``on_call`` (or are only
+    counted, with ``durations`` kept, when it is None)."""
+
+    def __init__(self):
+        self.roles: dict[int, _Role] = {}
+        self.stacks: dict[int, list[_Open]] = {}
+        self.on_call: Callable | None = None
+        self.keep_calls = False
+        self.calls: list[Call] = []
+
+    def add(self, rp: ReturnProbe) -> None:
+        """Learn the sites of a return probe (after it is registered)."""
+        if rp.entry is not None:
+            regs = rp.entry.site.record_regs or ()
+            role = self.roles.setdefault(rp.entry.site.id, _Role(True, func=rp.func_addr))
+            role.rsp_index = regs.index("rsp") if "rsp" in regs else -1
+            role.nargs = max(0, len(regs) - 1)
+            role.probes.append(rp)
+        for probe in rp.exits:
+            role = self.roles.setdefault(probe.site.id, _Role(False, func=rp.func_addr,
+                                                              exit_addr=probe.site.addr))
+            role.tail = probe.site.exit is not None and probe.site.exit.kind == "tail"
+            role.probes.append(rp)
+
+    def feed(self, batch: np.ndarray) -> None:
+        if not len(batch) or not self.roles:
+            return
+        mine = np.isin(batch["site"], np.fromiter(self.roles, dtype=np.uint32))
+        if not mine.any():
+            return
+        sub = batch[mine]
+        for site, t, tid, args in zip(sub["site"].tolist(), sub["time_ns"].tolist(),
+                                      sub["tid"].tolist(), sub["args"].tolist()):
+            role = self.roles[site]
+            if role.entry:
+                self._entry(role, site, t, tid, args)
+            else:
+                self._exit(role, t, tid, args)
+
+    def _unwind(self, stack: list[_Open], above: int, inclusive: bool) -> None:
+        while stack and (stack[-1].rsp <= above if inclusive else stack[-1].rsp < above):
+            for rp in self.roles[stack.pop().site].probes:
+                rp.stats.unwound += 1
+
+    def _entry(self, role: _Role, site: int, t: int, tid: int, args: list) -> None:
+        for rp in role.probes:
+            rp.stats.entries += 1
+        if role.rsp_index < 0:
+            return
+        rsp = args[role.rsp_index]
+        stack = self.stacks.setdefault(tid, [])
+        self._unwind(stack, rsp, inclusive=True)
+        stack.append(_Open(rsp, t, site, tuple(args[:role.nargs])))
+
+    def _exit(self, role: _Role, t: int, tid: int, args: list) -> None:
+        retval, rdx, rsp = args[0], args[1], args[2]
+        if role.tail:
+            retval = rdx = None
+        for rp in role.probes:
+            rp.stats.exits += 1
+        stack = self.stacks.get(tid)
+        start, entry_args = None, ()
+        if stack:
+            self._unwind(stack, rsp, inclusive=False)
+            top = stack[-1] if stack else None
+            if top is not None and top.rsp == rsp and self.roles[top.site].func == role.func:
+                stack.pop()
+                start, entry_args = top.start_ns, top.args
+        for rp in role.probes:
+            if start is None:
+                rp.stats.exits_without_entry += 1
+                if rp.entry is None:
+                    continue
+            else:
+                rp.stats.calls += 1
+                rp.durations.append(t - start)
+            call = Call(rp, tid, start, t, retval, rdx, entry_args, role.exit_addr, rsp)
+            if self.keep_calls:
+                self.calls.append(call)
+            if self.on_call is not None:
+                self.on_call(call)
+
+    def finish(self, live_rsp: dict[int, int]) -> None:
+        """Tracing ended: close what is still open.  ``live_rsp``: tid -> current rsp of
+        every thread still alive (read while all were stopped); others are gone."""
+        for tid, stack in self.stacks.items():
+            rsp = live_rsp.get(tid)
+            while stack:
+                item = stack.pop()
+                gone = rsp is None or rsp > item.rsp
+                for rp in self.roles[item.site].probes:
+                    if gone:
+                        rp.stats.unwound += 1
+                    else:
+                        rp.stats.in_flight += 1
+        self.stacks.clear()
+
+
+# -- registration (used by session.Tracer) ------------------------------------------------
+RECORDING = ("record", "latency", "print")
+
+
+def return_items(manager, rp_spec: str, base: str, resolved, handler: str,
+                 pre_handler, optimize: bool):
+    """The ReturnProbe for ``rp_spec`` and the register_many items of its sites:
+    (rp, entry_item or None, [(exit, item), ...]).  Raises SymbolError when the spec
+    is not a whole function or its body cannot be decoded to find the exits."""
+    import dataclasses
+    from uprobe_opt.errors import SymbolError
+    pid = manager.target.pid
+    if resolved.func_addr is None or not resolved.func_size:
+        raise SymbolError(f"{rp_spec}: no function symbol with a size contains "
+                          f"{resolved.addr:#x}: its exits cannot be found", pid=pid)
+    if resolved.addr != resolved.func_addr:
+        raise SymbolError(f"{rp_spec}: a return probe takes a function, not an address "
+                          f"inside one ({base} is {resolved.func_addr:#x}"
+                          f"+{resolved.addr - resolved.func_addr:#x})", pid=pid)
+    code = manager.recovered(resolved.func_addr, resolved.func_size)
+    found = manager.arch.find_exits(code, resolved.func_addr, resolved.func_size)
+    if not isinstance(found, tuple):
+        raise SymbolError(f"{rp_spec}: {found}", addr=resolved.addr, pid=pid)
+    exits, notes = found
+    rp = ReturnProbe(rp_spec, base, resolved, handler)
+    rp.notes = list(notes)
+    kind = "record" if handler in RECORDING else handler
+    entry_item = None
+    if kind == "record":
+        entry_item = (resolved, "record", None, rp_spec, optimize)
+    exit_items = []
+    for point in exits:
+        where = point.describe(resolved.func_addr, resolved.symbol)
+        site = dataclasses.replace(resolved, addr=point.addr,
+                                   offset=point.addr - resolved.func_addr,
+                                   spec=f"{rp_spec} ({where})")
+        exit_items.append((point, (site, kind, pre_handler, site.spec, optimize)))
+    return rp, entry_item, exit_items
+
+
+def attach_roles(manager, rp: ReturnProbe, entry, exit_probes, points, nargs: int) -> None:
+    """After register_many: mark the sites (exit, record registers) and the probes."""
+    arch = manager.arch
+    if entry is not None:
+        rp.entry = entry
+        entry.retprobe = rp
+        manager.set_record_regs(entry.site, arch.entry_regs(nargs))
+    for probe, point in zip(exit_probes, points):
+        probe.retprobe = rp
+        probe.site.exit = point
+        manager.set_record_regs(probe.site, arch.exit_regs())
+        rp.exits.append(probe)
+        rp.exit_points.append(point)
