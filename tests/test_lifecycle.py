@@ -985,7 +985,9 @@ with _stop_on_signals() as stop:
             i += 1
     finally:
         t.detach()
-print("cycles", i, flush=True)
+    # Still inside: a SIGINT arriving now only sets the flag (after the with block the
+    # default handler is back and a late SIGINT would cut this line).
+    print("cycles", i, flush=True)
 '''
 
 
