@@ -347,7 +347,8 @@ def cmd_trace(ap, args) -> int:
             sink.tracer = tracer
             stop.tracer = tracer
             from uprobe_opt.retout import CallSink
-            sink.calls = tracer.calls.on_call = CallSink(out, args)
+            sink.calls = CallSink(out, args)
+            tracer.calls.on_call = sink.calls if sink.calls.needed else None
             out.on_broken = tracer.request_stop
             code = _trace_session(tracer, args, out, pre, sink)
         if args.pid is None:

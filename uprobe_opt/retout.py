@@ -30,6 +30,12 @@ class CallSink:
             from uprobe_opt.perfetto_out import PerfettoWriter
             self.perfetto = PerfettoWriter()
 
+    @property
+    def needed(self) -> bool:
+        """False when no call is shown one by one (only counts and durations): the
+        matcher then builds no Call objects."""
+        return self.lines or self.json_calls or self.perfetto is not None
+
     def __call__(self, call: Call) -> None:
         if self.perfetto is not None:
             self.perfetto.add_call(call)

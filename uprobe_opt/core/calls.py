@@ -177,14 +177,6 @@ class ReturnProbe:
 
 
 @dataclass
-class _Open:
-    rsp: int
-    start_ns: int
-    site: int
-    args: tuple
-
-
-@dataclass
 class _Role:
     entry: bool
     probes: list = field(default_factory=list)    # ReturnProbes of this site
@@ -202,7 +194,8 @@ class CallMatcher:
 
     def __init__(self):
         self.roles: dict[int, _Role] = {}
-        self.stacks: dict[int, list[_Open]] = {}
+        # tid -> open entries (rsp, start_ns, entry site, saved args), innermost last
+        self.stacks: dict[int, list[tuple]] = {}
         self.on_call: Callable | None = None
         self.keep_calls = False
         self.calls: list[Call] = []
@@ -222,49 +215,68 @@ class CallMatcher:
             role.probes.append(rp)
 
     def feed(self, batch: np.ndarray) -> None:
+        """Match a drained batch.  Counting is vectorized; the stack walk is one tight
+        loop over plain lists (the order of a thread's records is what matters)."""
         if not len(batch) or not self.roles:
             return
-        mine = np.isin(batch["site"], np.fromiter(self.roles, dtype=np.uint32))
+        ids = np.fromiter(self.roles, dtype=np.uint32)
+        mine = np.isin(batch["site"], ids)
         if not mine.any():
             return
         sub = batch[mine]
-        for site, t, tid, args in zip(sub["site"].tolist(), sub["time_ns"].tolist(),
-                                      sub["tid"].tolist(), sub["args"].tolist()):
+        sites = sub["site"]
+        # 1. entries and exits per site, without a loop
+        uniq, counts = np.unique(sites, return_counts=True)
+        for site, count in zip(uniq.tolist(), counts.tolist()):
             role = self.roles[site]
+            for rp in role.probes:
+                if role.entry:
+                    rp.stats.entries += count
+                else:
+                    rp.stats.exits += count
+        # 2. the rsp of each record: args[rsp_index] at an entry, args[2] at an exit
+        col = np.zeros(int(ids.max()) + 1, dtype=np.int64)
+        for site, role in self.roles.items():
+            col[site] = role.rsp_index if role.entry else 2
+        rsp = sub["args"][np.arange(len(sub)), col[sites]]
+        want_calls = self.keep_calls or self.on_call is not None
+        args = sub["args"].tolist() if want_calls else None
+        self._walk(sites.tolist(), sub["time_ns"].tolist(), sub["tid"].tolist(),
+                   rsp.tolist(), args)
+
+    def _walk(self, sites, times, tids, rsps, args) -> None:
+        roles, stacks = self.roles, self.stacks
+        unwound: dict[int, int] = {}
+        for i in range(len(sites)):
+            role = roles[sites[i]]
+            rsp = rsps[i]
+            stack = stacks.get(tids[i])
+            if stack is None:
+                stack = stacks[tids[i]] = []
             if role.entry:
-                self._entry(role, site, t, tid, args)
-            else:
-                self._exit(role, t, tid, args)
-
-    def _unwind(self, stack: list[_Open], above: int, inclusive: bool) -> None:
-        while stack and (stack[-1].rsp <= above if inclusive else stack[-1].rsp < above):
-            for rp in self.roles[stack.pop().site].probes:
-                rp.stats.unwound += 1
-
-    def _entry(self, role: _Role, site: int, t: int, tid: int, args: list) -> None:
-        for rp in role.probes:
-            rp.stats.entries += 1
-        if role.rsp_index < 0:
-            return
-        rsp = args[role.rsp_index]
-        stack = self.stacks.setdefault(tid, [])
-        self._unwind(stack, rsp, inclusive=True)
-        stack.append(_Open(rsp, t, site, tuple(args[:role.nargs])))
-
-    def _exit(self, role: _Role, t: int, tid: int, args: list) -> None:
-        retval, rdx, rsp = args[0], args[1], args[2]
-        if role.tail:
-            retval = rdx = None
-        for rp in role.probes:
-            rp.stats.exits += 1
-        stack = self.stacks.get(tid)
-        start, entry_args = None, ()
-        if stack:
-            self._unwind(stack, rsp, inclusive=False)
+                if role.rsp_index < 0:
+                    continue
+                while stack and stack[-1][0] <= rsp:
+                    site = stack.pop()[2]
+                    unwound[site] = unwound.get(site, 0) + 1
+                saved = tuple(args[i][:role.nargs]) if args is not None else ()
+                stack.append((rsp, times[i], sites[i], saved))
+                continue
+            while stack and stack[-1][0] < rsp:
+                site = stack.pop()[2]
+                unwound[site] = unwound.get(site, 0) + 1
             top = stack[-1] if stack else None
-            if top is not None and top.rsp == rsp and self.roles[top.site].func == role.func:
+            if top is not None and top[0] == rsp and roles[top[2]].func == role.func:
                 stack.pop()
-                start, entry_args = top.start_ns, top.args
+                self._ended(role, tids[i], top[1], times[i], rsp, args, top[3], i)
+            else:
+                self._ended(role, tids[i], None, times[i], rsp, args, (), i)
+        for site, n in unwound.items():
+            for rp in roles[site].probes:
+                rp.stats.unwound += n
+
+    def _ended(self, role, tid, start, end, rsp, args, entry_args, exit_i) -> None:
+        """One exit: a matched call (start set) or an exit without entry."""
         for rp in role.probes:
             if start is None:
                 rp.stats.exits_without_entry += 1
@@ -272,8 +284,11 @@ class CallMatcher:
                     continue
             else:
                 rp.stats.calls += 1
-                rp.durations.append(t - start)
-            call = Call(rp, tid, start, t, retval, rdx, entry_args, role.exit_addr, rsp)
+                rp.durations.append(end - start)
+            if args is None:
+                continue
+            retval, rdx = (None, None) if role.tail else (args[exit_i][0], args[exit_i][1])
+            call = Call(rp, tid, start, end, retval, rdx, entry_args, role.exit_addr, rsp)
             if self.keep_calls:
                 self.calls.append(call)
             if self.on_call is not None:
@@ -286,8 +301,8 @@ class CallMatcher:
             rsp = live_rsp.get(tid)
             while stack:
                 item = stack.pop()
-                gone = rsp is None or rsp > item.rsp
-                for rp in self.roles[item.site].probes:
+                gone = rsp is None or rsp > item[0]
+                for rp in self.roles[item[2]].probes:
                     if gone:
                         rp.stats.unwound += 1
                     else:
