@@ -263,7 +263,8 @@ def test_latency_of_a_2ms_sleep(c_target, optimize):
     for ours, theirs in zip(rp.durations, own):
         # inside the program's own measure around the call, and at least the sleep
         assert 2_000_000 <= ours <= theirs
-        assert theirs - ours < 1_000_000
+        if optimize:    # int3: the program's measure also holds the tracer's stops
+            assert theirs - ours < 1_000_000
     assert abs(float(np.median(rp.durations)) - 2_000_000) < 1_000_000
     assert [c.retval for c in run.calls(rp)] == [7 * i for i in range(8)]
 
