@@ -454,7 +454,7 @@ def _spawned_status(tracer) -> int:
             os.kill(pid, signum)
         except ProcessLookupError:
             pass
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
     try:
         _, status = os.waitpid(pid, 0)
     except ChildProcessError:
@@ -490,13 +490,19 @@ class _StopRequest:
             self._tracer.request_stop()
 
 
+# Every signal a user or a session manager sends to end a tool: Ctrl-C, kill, a closed
+# terminal or dropped ssh (SIGHUP), Ctrl-\ (SIGQUIT).  Their default actions would end
+# the tracer with the target's code half-patched or int3 sites left in place.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
 @contextlib.contextmanager
 def _stop_on_signals():
-    """SIGINT/SIGTERM only set a flag: the tracer finishes what it is doing (never
-    half-patched) and detaches cleanly; a second Ctrl-C changes nothing.  Installed
-    before the attach and removed only after the detach."""
+    """SIGINT/SIGTERM/SIGHUP/SIGQUIT only set a flag: the tracer finishes what it is
+    doing (never half-patched) and detaches cleanly; a second signal changes nothing.
+    Installed before the attach and removed only after the detach."""
     stop = _StopRequest()
-    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     try:
         yield stop
     finally:

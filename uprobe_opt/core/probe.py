@@ -52,6 +52,9 @@ class Site:
     deferrals: int = 0
     deferred: str | None = None    # why the last optimization attempt was deferred
     want_optimize: bool = True     # False under --no-optimize (Tracer(optimize=False))
+    file_id: Any = None            # (dev, inode, file offset) mapped at addr when armed
+    jump: bytes | None = None      # the jump written (or to write) at addr
+    gone: bool = False             # its address space is not the one we patched
 
     def enabled_probes(self) -> list["Probe"]:
         return [p for p in self.probes if p.enabled]

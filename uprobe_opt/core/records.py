@@ -110,8 +110,9 @@ class Records:
             n = records_for_bytes(self.buffer_bytes)
             size = RingBuffer.size_for(n)
             scratch = self.manager.pool.slot_near(near)
-            addr, shm = map_shared_file(self.manager.target, size, scratch)
+            addr, shm, inode = map_shared_file(self.manager.target, size, scratch)
             ring = RingBuffer(shm, addr, n)
+            ring.inode, ring.size = inode, size
             ring.initialize()
             self.ring = ring
             self.clock = TscClock()
