@@ -190,6 +190,10 @@ static int run_lib(const char *path, void **handle, char until)
     struct lib_loop l = {.fn = (long (*)(long))dlsym(*handle, "lib_fn")};
     pthread_t th;
     pthread_create(&th, NULL, lib_caller, &l);
+    if (until == 's') {
+        printf("ready pid=%d\n", getpid());
+        fflush(stdout);
+    }
     char c;
     while (read(0, &c, 1) == 1 && c != until)
         ;
@@ -201,8 +205,6 @@ static int run_lib(const char *path, void **handle, char until)
 static int mode_dl(const char *a, const char *b)
 {
     void *ha, *hb;
-    printf("ready pid=%d\n", getpid());
-    fflush(stdout);
     Dl_info info;
     if (run_lib(a, &ha, 's') < 0)
         return 1;

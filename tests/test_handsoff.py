@@ -392,3 +392,25 @@ def test_seccomp_filter_killing_mmap_refused(exe, progs):
     prog.pause()
     code, out = prog.finish()
     assert code == 0 and out.startswith("done calls=")
+
+
+def test_record_tid_when_threads_reuse_tls_blocks(exe, progs):
+    """Threads created and ended one after another (each joined before the next: glibc
+    hands the next one the same stack and TLS block) each call probed(own tid, i): the
+    tid of every record is the tid of the thread that made the call (read in-process
+    from the thread's descriptor, not from a table the tracer keeps)."""
+    prog = progs(exe, "tids", 200, 50)
+    t = Tracer.attach(prog.pid, buffer_size=4 << 20)
+    try:
+        probe = t.add_probe("probed", handler="record", nargs=1)
+        run_until_hands_off(t)
+        prog.send("g")
+        assert prog.line() == "tids: 200 x 50"
+        t.run(duration=0.05)
+    finally:
+        t.detach()
+    records = t.records()
+    assert probe.nmissed == 0 and len(records) == probe.nhit == 200 * 50
+    assert (records["tid"].astype("int64") == records["args"][:, 0].astype("int64")).all()
+    assert len(set(records["tid"].tolist())) == 200
+    assert prog.finish()[0] == 0

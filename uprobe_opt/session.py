@@ -38,6 +38,8 @@ from uprobe_opt.errors import AccessDenied, ProcessGone, UsageError
 from uprobe_opt.symbols import SymbolResolver
 from uprobe_opt.target import Target
 
+DELIVER_SLICE = 4096     # records handed to on_records between two event services
+
 
 class Tracer:
     """One traced process.  Create with :meth:`attach` (the process keeps running: it
@@ -287,10 +289,20 @@ class Tracer:
         batch = self.manager.records.take()
         if len(batch):
             if self.on_records is not None:
-                self.on_records(batch)
+                self._hand_over(batch)
             else:
                 self.record_batches.append(batch)
         return len(batch)
+
+    def _hand_over(self, batch) -> None:
+        """on_records in slices; while attached, the target's pending events (a signal
+        to re-inject, a trap) are served before each slice: a target signalled while
+        we print is not kept stopped behind our output."""
+        for i in range(0, len(batch), DELIVER_SLICE):
+            if not (self.target.released or self.target.exited or self._detached
+                    or self.exec_seen):
+                self.process_events(0)
+            self.on_records(batch[i:i + DELIVER_SLICE])
 
     def records(self):
         """All records kept so far (no ``on_records`` given), one numpy array."""

@@ -494,7 +494,8 @@ class ProbeManager:
             "record", counter_addr=site.counter.addr, ncpu_slots=self.ncpu_slots,
             rseq_offset=self.rseq_offset, ring_addr=ring.addr, ring_mask=ring.mask,
             missed_addr=site.missed.addr, probe_id=site.id,
-            nargs=max(p.nargs for p in site.enabled_probes()))
+            nargs=max(p.nargs for p in site.enabled_probes()),
+            tid_offset=self.records.tid_offset)
 
     def _redirect_xol_starts(self, sites: list[Site]) -> None:
         """A thread about to run a site's XOL copy (rip at its first byte) is moved to
