@@ -383,6 +383,11 @@ def _trace_session(tracer, args, out: Output, pre, sink: RecordSink) -> int:
                 tracer.detach()
             raise
         # The target died while we armed (read its symbols, ...): report what there is.
+        out.note(f"process {tracer.pid} died while uprobe-opt was arming its probes"
+                 + _death_cause(tracer))
+        died_while_arming = True
+    else:
+        died_while_arming = False
     status = Status(out, tracer, out.is_tty and not out.json and args.handler != "print")
     out.t0 = time.monotonic_ns()          # hit times are printed from here
     try:
@@ -402,7 +407,16 @@ def _trace_session(tracer, args, out: Output, pre, sink: RecordSink) -> int:
         out.note(f"{dropped} records dropped (ring buffer full): try a larger --buffer-size")
     if args.pid is None:
         return _child_status(tracer)
-    return 0
+    return 1 if died_while_arming and _death_cause(tracer) else 0
+
+
+def _death_cause(tracer) -> str:
+    """': killed by SIGSYS (its seccomp filter) ...' when the target died of a system
+    call it was not allowed (one of ours would be our fault: exit 1), else ''."""
+    st = tracer.exit_status
+    if st is not None and os.WIFSIGNALED(st) and os.WTERMSIG(st) == signal.SIGSYS:
+        return ": killed by SIGSYS (its seccomp filter refused a system call)"
+    return ""
 
 
 def _print_hists(out: Output, tracer, sink: RecordSink) -> None:

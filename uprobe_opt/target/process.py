@@ -667,14 +667,30 @@ class Target:
             return False
         if not self._open_pidfd():
             return False                          # no pidfd: we could not see the exit
-        for t in list(self._threads.values()):
-            self._detach_thread(t)
+        dying = [t for t in list(self._threads.values()) if not self._detach_thread(t)]
         self._threads.clear()
         self._all_stopped = False
+        if dying:
+            # Killed in the window (SIGKILL wakes a stopped tracee): each such thread
+            # stays our tracee and its exit is reported to us alone; unreaped, it would
+            # keep the thread group alive and the pidfd would never fire.
+            self._reap_dying(dying)
+            return False
         self._released = True
         m = next((m for m in self._read_maps() if m.perms[0] == "r"), None)
         self._exec_probe = None if m is None else m.start
         return True
+
+    def _reap_dying(self, dying: list[_Thread]) -> None:
+        status = None
+        for t in sorted(dying, key=lambda t: t.tid == self.pid):   # leader last
+            try:
+                _, st = os.waitpid(t.tid, pt.WALL)
+            except ChildProcessError:
+                continue
+            if t.tid == self.pid:
+                status = st
+        self._process_gone(status)
 
     def _open_pidfd(self) -> bool:
         if self._pidfd is None:
@@ -1398,17 +1414,22 @@ class Target:
         finally:
             self._close()
 
-    def _detach_thread(self, t: _Thread) -> None:
+    def _detach_thread(self, t: _Thread) -> bool:
+        """False when the thread was killed meanwhile (ESRCH): it stays our tracee
+        until its exit is reaped."""
         if not t.stopped:
-            return                          # zombie leader / vfork parent: cannot detach
+            return True                     # zombie leader / vfork parent: cannot detach
         sig = self._settle_trap(t) if t.held else (t.sigs.pop(0) if t.sigs else 0)
+        detached = True
         try:
             pt.detach(t.tid, sig)
         except pt.PtraceOSError as exc:
             if not _esrch(exc):
                 raise
+            detached = False
         self._resend(t)
         del self._threads[t.tid]
+        return detached
 
     def _settle_trap(self, t: _Thread) -> int:
         """A TrapEvent nobody resumed: if rip is untouched and the int3 is still there,
