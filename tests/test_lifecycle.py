@@ -881,7 +881,9 @@ def test_target_killed_mid_trace_or_optimization(lc, how):
                                     stdout=subprocess.PIPE)
             prog.stdout.readline()
             p = cli("trace", "-p", prog.pid, *specs, "--handler", "count")
-            wait_until(lambda: tracer_pid(prog.pid) != 0 or p.poll() is not None, 30)
+            # armed (our memfd is mapped; TracerPid is 0 again once hands-off)
+            wait_until(lambda: tracer_pid(prog.pid) != 0 or p.poll() is not None
+                       or "memfd:uprobe-opt" in open(f"/proc/{prog.pid}/maps").read(), 30)
             time.sleep(delay)
             prog.kill()
         out, err = p.communicate(timeout=60)
