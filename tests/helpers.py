@@ -64,3 +64,26 @@ def wait_for_line(stream, prefix: str, timeout: float = 20.0) -> str:
 def symbol_addr(pid: int, spec: str) -> int:
     from uprobe_opt.symbols import SymbolResolver
     return SymbolResolver(pid=pid).resolve(spec).addr
+
+
+def text_vs_file(pid: int, path: str) -> list[str]:
+    """Executable mappings of ``path`` in pid whose bytes differ from the file."""
+    bad = []
+    data = Path(path).read_bytes()
+    real = os.path.realpath(path)
+    with open(f"/proc/{pid}/maps") as f:
+        lines = f.read().splitlines()
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in lines:
+            parts = line.split(maxsplit=5)
+            if len(parts) < 6 or "x" not in parts[1] or os.path.realpath(parts[5]) != real:
+                continue
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            off = int(parts[2], 16)
+            mem.seek(lo)
+            live = mem.read(hi - lo)
+            want = data[off:off + hi - lo]
+            if live[:len(want)] != want:
+                bad.append(line)
+    assert lines, pid
+    return bad

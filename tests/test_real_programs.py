@@ -437,7 +437,7 @@ def test_sqlite3_matches_kernel_uprobes(sqlite_oracle, tmp_path, handler):
             assert {p.spec: p.state for p in probes} == {s: OPT for s in SQL_SPECS}
             run.feed()
             t.run(duration=60)
-            assert t.exited and t.exit_code == 0
+            assert t.exited and t.exit_code in (0, None)    # None: hands-off, not our child
         records = t.records()
         assert run.output() == plain
         ours = _hits(probes)

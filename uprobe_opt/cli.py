@@ -424,6 +424,11 @@ def _trace_session(tracer, args, out: Output, pre, sink: RecordSink) -> int:
                 tracer.detach()
             raise
         # The target died while we armed (read its symbols, ...): report what there is.
+        out.note(f"process {tracer.pid} died while uprobe-opt was arming its probes"
+                 + _death_cause(tracer))
+        died_while_arming = True
+    else:
+        died_while_arming = False
     status = Status(out, tracer, out.is_tty and not out.json and args.handler != "print")
     out.t0 = time.monotonic_ns()          # hit times are printed from here
     try:
@@ -448,7 +453,16 @@ def _trace_session(tracer, args, out: Output, pre, sink: RecordSink) -> int:
         out.note(f"{dropped} records dropped (ring buffer full): try a larger --buffer-size")
     if args.pid is None:
         return _child_status(tracer)
-    return 0
+    return 1 if died_while_arming and _death_cause(tracer) else 0
+
+
+def _death_cause(tracer) -> str:
+    """': killed by SIGSYS (its seccomp filter) ...' when the target died of a system
+    call it was not allowed (one of ours would be our fault: exit 1), else ''."""
+    st = tracer.exit_status
+    if st is not None and os.WIFSIGNALED(st) and os.WTERMSIG(st) == signal.SIGSYS:
+        return ": killed by SIGSYS (its seccomp filter refused a system call)"
+    return ""
 
 
 def _print_hists(out: Output, tracer, sink: RecordSink) -> None:
@@ -500,7 +514,7 @@ def _spawned_status(tracer) -> int:
             os.kill(pid, signum)
         except ProcessLookupError:
             pass
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
     try:
         _, status = os.waitpid(pid, 0)
     except ChildProcessError:
@@ -536,13 +550,19 @@ class _StopRequest:
             self._tracer.request_stop()
 
 
+# Every signal a user or a session manager sends to end a tool: Ctrl-C, kill, a closed
+# terminal or dropped ssh (SIGHUP), Ctrl-\ (SIGQUIT).  Their default actions would end
+# the tracer with the target's code half-patched or int3 sites left in place.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
 @contextlib.contextmanager
 def _stop_on_signals():
-    """SIGINT/SIGTERM only set a flag: the tracer finishes what it is doing (never
-    half-patched) and detaches cleanly; a second Ctrl-C changes nothing.  Installed
-    before the attach and removed only after the detach."""
+    """SIGINT/SIGTERM/SIGHUP/SIGQUIT only set a flag: the tracer finishes what it is
+    doing (never half-patched) and detaches cleanly; a second signal changes nothing.
+    Installed before the attach and removed only after the detach."""
     stop = _StopRequest()
-    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     try:
         yield stop
     finally:

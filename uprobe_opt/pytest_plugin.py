@@ -43,7 +43,8 @@ class Result:
 class TracedRun:
     """A spawned program under a :class:`~uprobe_opt.session.Tracer`."""
 
-    def __init__(self, argv, *, optimize: bool = True, stdin=None, env=None):
+    def __init__(self, argv, *, optimize: bool = True, stdin=None, env=None,
+                 hands_off: bool = True):
         from uprobe_opt.session import Tracer
         self.argv = [str(a) for a in argv]
         self._out = tempfile.TemporaryFile()
@@ -53,7 +54,8 @@ class TracedRun:
             self._null = open(os.devnull, "rb")
             stdin = self._null.fileno()
         self.tracer = Tracer.spawn(self.argv, stdin=stdin, stdout=self._out.fileno(),
-                                   stderr=self._err.fileno(), env=env, optimize=optimize)
+                                   stderr=self._err.fileno(), env=env, optimize=optimize,
+                                   hands_off=hands_off)
         self.result: Result | None = None
 
     @property

@@ -16,6 +16,12 @@ Example::
         t.add_probe("libc:getpid", pre_handler=lambda p, r: None)
         t.run(duration=5.0)          # then detach: the code is byte-identical again
 
+Hands-off: once every live probe runs in-process (count and record handlers on
+optimized sites), :meth:`Tracer.run` lets go of ptrace entirely (every thread is
+detached; counters and records are read through shared mappings; the target's exit is
+learnt from a pidfd) and seizes the target again only for a window: to patch, and at
+:meth:`Tracer.detach` to verify and restore.  :attr:`Tracer.mode` says which.
+
 Every method runs on the thread that created the Tracer (ptrace requires it).
 """
 from __future__ import annotations
@@ -28,15 +34,18 @@ from typing import Callable, Iterable, Sequence
 from uprobe_opt.core.arch import load_arch
 from uprobe_opt.core.manager import RETRY_DELAY, ProbeManager
 from uprobe_opt.core.probe import Probe
-from uprobe_opt.errors import ProcessGone, UsageError
+from uprobe_opt.errors import AccessDenied, ProcessGone, UsageError
 from uprobe_opt.symbols import SymbolResolver
 from uprobe_opt.target import Target
 
+DELIVER_SLICE = 4096     # records handed to on_records between two event services
+
 
 class Tracer:
-    """One traced process.  Create with :meth:`attach` or :meth:`spawn`; both return
-    with every thread stopped, so probes added before :meth:`run` are armed before any
-    further instruction of the target runs.
+    """One traced process.  Create with :meth:`attach` (the process keeps running: it
+    is stopped only for the windows that patch it) or :meth:`spawn` (the program is
+    held at its entry point until :meth:`run`, so probes added before are armed before
+    its first instruction).
 
     ``optimize``: jump-optimize probes when safe (False: int3 probes only, the CLI's
     ``--no-optimize``).  ``log``: callable for diagnostics (default: stderr).
@@ -47,14 +56,21 @@ class Tracer:
     uprobe events, not root) they stay on ptrace.  ``on_records``:
     callable receiving each drained batch of records (a numpy array of
     :data:`uprobe_opt.core.records.HIT_DTYPE`); without it batches accumulate in
-    ``record_batches`` (see :meth:`records`).
+    ``record_batches`` (see :meth:`records`).  ``hands_off``: let go of ptrace when no
+    probe needs the tracer (default True; False keeps every thread traced until
+    detach, e.g. to learn the exit status of a process that is not our child).
     """
 
     def __init__(self, target: Target, *, optimize: bool = True, log: Callable = None,
                  buffer_size: int | None = None, on_records: Callable | None = None,
-                 kernel_uprobes: bool = True):
+                 kernel_uprobes: bool = True, hands_off: bool = True):
         self.target = target
-        self.resolver = SymbolResolver(pid=target.pid)
+        self.hands_off = hands_off
+        self._end_mode: tuple[str, str | None] | None = None
+        # /proc/TID of a live thread when the leader is a zombie (pthread_exit): it has
+        # no mm, so its /proc/PID/map_files, exe and root are unreadable; a thread's
+        # /proc/TID view is the same process.
+        self.resolver = SymbolResolver(pid=target.live_task())
         self.manager = ProbeManager(target, load_arch(), optimize=optimize, log=log,
                                     kernel_uprobes=kernel_uprobes)
         if buffer_size is not None:
@@ -74,9 +90,17 @@ class Tracer:
     # -- construction -----------------------------------------------------------------
     @classmethod
     def attach(cls, pid: int, **kw) -> "Tracer":
-        """Seize every thread of process ``pid``.  Raises ProcessGone (no such pid) or
-        AccessDenied (not permitted: see README, ptrace_scope)."""
-        return cls(Target.attach(pid), **kw)
+        """Trace process ``pid``, which keeps running: nothing is stopped until probes
+        are armed (:meth:`add_probes`, one window per batch).  Raises ProcessGone (no
+        such pid), UsageError (a thread id, a kernel thread) or AccessDenied (traced by
+        another tracer); EPERM from ptrace (see README, ptrace_scope) is raised as
+        AccessDenied by the first add_probes."""
+        target = Target.attach(pid, stop=False)
+        try:
+            return cls(target, **kw)
+        except BaseException:
+            target.detach()
+            raise
 
     @classmethod
     def spawn(cls, argv: Sequence[str], *, stdin=None, stdout=None, stderr=None,
@@ -94,15 +118,56 @@ class Tracer:
 
     def _find_rseq_offset(self) -> int | None:
         """glibc's __rseq_offset (fs-relative offset of the thread's struct rseq), read
-        from the target; None if this libc does not register rseq."""
+        from the target while it runs; None if this libc does not register rseq.  glibc
+        (>= 2.35) defines it in ld.so only: that one small symbol table is read, not
+        every library's."""
+        for ldso in ("ld-linux-x86-64.so.2", "ld-linux-x32.so.2", "ld-linux"):
+            try:
+                addr = self.resolver.find_data_symbol("__rseq_offset", lib=ldso)
+                if addr is None:
+                    continue
+                (off,) = struct.unpack("<q", self.target.read(addr, 8))
+                return off or None
+            except Exception:
+                continue
+        return None
+
+    # -- mode -------------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        """``"hands-off"`` while no thread is traced (every live probe runs in-process)
+        or ``"attached"``; after :meth:`detach`, the mode the trace ended in."""
+        return self._mode()[0]
+
+    @property
+    def mode_reason(self) -> str | None:
+        """Why the tracer is (or was, at the end) attached, e.g. ``"2 int3 sites need
+        the tracer"``; None in hands-off mode."""
+        return self._mode()[1]
+
+    def _mode(self) -> tuple[str, str | None]:
+        if self._end_mode is not None:
+            return self._end_mode
+        if self.target.released:
+            return ("hands-off", None)
+        if not self.hands_off:
+            return ("attached", "hands-off disabled (hands_off=False)")
+        reason = self.manager.tracer_reason()
+        if reason is None:
+            reason = ("held at its entry point until run()" if self.target.stopped
+                      else "not let go yet")
+        return ("attached", reason)
+
+    def _let_go(self) -> None:
+        """Release ptrace when nothing needs it (hands-off); see ProbeManager.let_go."""
+        if (not self.hands_off or self.target.released or self.target.exited
+                or self.exec_seen or self.manager.optimizing
+                or self.manager.tracer_reason() is not None):
+            return
         try:
-            addr = self.resolver.find_data_symbol("__rseq_offset")
-            if addr is None:
-                return None
-            (off,) = struct.unpack("<q", self.target.read(addr, 8))
-            return off or None
-        except Exception:
-            return None
+            self.manager.let_go()
+        except ProcessGone:
+            pass
 
     # -- probes -----------------------------------------------------------------------
     @property
@@ -254,6 +319,7 @@ class Tracer:
             self.process_events(timeout)
             if self.manager.optimizing and not self.target.exited:
                 self.manager.optimize_pending()
+            self._let_go()
             self.deliver_records()
         self.deliver_records()
 
@@ -263,6 +329,9 @@ class Tracer:
         drive the target themselves instead of :meth:`run`."""
         for ev in self.target.poll(timeout):
             self.manager.handle_event(ev)
+        self._note_exec()
+
+    def _note_exec(self) -> None:
         if self.manager.exec_seen and not self.exec_seen:
             self.exec_seen = True
             self.notes.append("target exec'd a new program: its probes are gone")
@@ -276,10 +345,20 @@ class Tracer:
             self.calls.feed(batch)
         if len(batch):
             if self.on_records is not None:
-                self.on_records(batch)
+                self._hand_over(batch)
             else:
                 self.record_batches.append(batch)
         return len(batch)
+
+    def _hand_over(self, batch) -> None:
+        """on_records in slices; while attached, the target's pending events (a signal
+        to re-inject, a trap) are served before each slice: a target signalled while
+        we print is not kept stopped behind our output."""
+        for i in range(0, len(batch), DELIVER_SLICE):
+            if not (self.target.released or self.target.exited or self._detached
+                    or self.exec_seen):
+                self.process_events(0)
+            self.on_records(batch[i:i + DELIVER_SLICE])
 
     def records(self):
         """All records kept so far (no ``on_records`` given), one numpy array."""
@@ -307,7 +386,7 @@ class Tracer:
         """Probes whose hits need the tracer: Python handlers, and int3 sites the
         kernel does not serve (``kernel_reason`` says why, when it serves none)."""
         return [p for p in self.probes
-                if p.enabled and not p.is_gone and self.manager.needs_tracer(p.site)]
+                if p.enabled and not p.is_gone and self.manager.site_needs_tracer(p.site)]
 
     @property
     def kernel_reason(self) -> str | None:
@@ -326,16 +405,22 @@ class Tracer:
         if self._detached:
             return
         self._detached = True
+        self._end_mode = self._mode()
         t = self.target
         live_rsp: dict[int, int] = {}
         try:
-            if not t.exited and not self.exec_seen:
+            if not t.exited and not self.exec_seen and (
+                    self.manager.has_patches() or not t.released):
                 if not t.stopped:
-                    t.stop_all()
+                    t.stop_all()     # a released target: seized again, one window
                 live_rsp = self._thread_rsps()
                 self.notes += self.manager.shutdown()
+                self._note_exec()
         except ProcessGone:
             pass
+        except AccessDenied as e:
+            self.notes.append(f"{e}; its probes stay in place (the detours keep working "
+                              "without us)")
         finally:
             t.detach()               # also releases our SIGCHLD wakeup when it exited
             self.deliver_records()
@@ -359,6 +444,7 @@ class Tracer:
 
     def kill(self) -> None:
         self._detached = True
+        self._end_mode = self._mode()
         self.target.kill()
 
     def __enter__(self) -> "Tracer":

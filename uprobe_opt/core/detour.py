@@ -6,10 +6,10 @@ vol. 2A "JMP"):
 
 - a code mapping, ``r-x``, private anonymous, written only through /proc/PID/mem; it
   holds fixed-size slots (XOL copies and detours);
-- a data mapping, ``rw-``, ``MAP_SHARED`` of a file in /dev/shm that the tracer maps
-  too, so counters are read without stopping the target, even after it exited.  The
-  target's file descriptor is closed right after mmap and the file unlinked: nothing is
-  left open in the target.
+- a data mapping, ``rw-``, ``MAP_SHARED`` of a memfd created in the target that the
+  tracer maps too (through /proc/PID/fd), so counters are read without stopping the
+  target, even after it exited.  The target's file descriptor is closed right after
+  mmap: nothing is left open in the target, and no path is involved (containers).
 
 No mapping is ever writable and executable.  Slots are never reused within a session:
 a thread may still run in a detour that was just taken out of service (the kernel waits
@@ -18,7 +18,6 @@ an RCU-tasks grace period before freeing; we simply do not free).
 from __future__ import annotations
 
 import contextlib
-import itertools
 import mmap as _mmap
 import os
 import struct
@@ -35,10 +34,9 @@ STACK_ROOM = 16 << 20               # nor this close below a stack (it grows dow
 MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS = 0x01, 0x02, 0x20
 MAP_FIXED_NOREPLACE = 0x100000
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
-SYS_close, SYS_openat = 3, 257
-AT_FDCWD = -100
-O_RDWR, O_CLOEXEC = 0o2, 0o2000000
-_serial = itertools.count()
+SYS_close, SYS_ftruncate, SYS_memfd_create = 3, 77, 319
+MFD_CLOEXEC = 1
+MEMFD_NAME = b"uprobe-opt"          # /proc/PID/maps shows /memfd:uprobe-opt (deleted)
 
 
 class NoDetourSpace(Exception):
@@ -69,6 +67,7 @@ class DetourArea:
         self.nslots = CODE_SIZE // slot_size - 1     # the last slot holds the shm path
         self.next_data = 0
         self.shm = None
+        self.data_inode = None
         self.mapped = False
 
     def contains(self, addr: int) -> bool:
@@ -111,7 +110,18 @@ class DetourArea:
         # The path string must be in target memory for openat(2): put it in the
         # reserved last slot of our own code page (readable, never executed).
         scratch = self.code_addr + self.nslots * self.slot_size
-        _, self.shm = map_shared_file(self.target, DATA_SIZE, scratch, self.data_addr)
+        _, self.shm, self.data_inode = map_shared_file(self.target, DATA_SIZE, scratch,
+                                                       self.data_addr)
+
+    def is_ours(self, maps) -> bool:
+        """Both mappings are still the ones we made (an exec or a munmap by the
+        program since would make us unmap someone else's memory)."""
+        code = next((m for m in maps if m.start == self.code_addr), None)
+        data = next((m for m in maps if m.start == self.data_addr), None)
+        return (code is not None and code.end == self.data_addr and code.inode == 0
+                and code.perms.startswith("r-x") and data is not None
+                and data.end == self.data_addr + DATA_SIZE
+                and data.inode == self.data_inode)
 
     def unmap(self) -> None:
         self.target.munmap(self.code_addr, AREA_SIZE)
@@ -119,31 +129,35 @@ class DetourArea:
 
 
 def map_shared_file(target, size: int, scratch_addr: int, fixed_addr: int | None = None):
-    """Create a /dev/shm file of ``size`` bytes, map it rw- MAP_SHARED in the tracer and
-    in the target (at ``fixed_addr`` with MAP_FIXED_NOREPLACE, or where the kernel
-    chooses), then close the target's descriptor and unlink the file: both mappings
-    stay, nothing is left open.  ``scratch_addr``: target memory (in one of our own
-    pages) where the file name is written for openat(2).  All threads stopped.
-    Returns (target address, tracer mmap)."""
-    path = f"/dev/shm/uprobe-opt.{os.getpid()}.{next(_serial)}"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    """Create a memfd of ``size`` bytes *in the target* (memfd_create(2), so no path is
+    involved: a target in its own mount namespace or chroot works), open it from here
+    through /proc/PID/fd/N and map it rw- MAP_SHARED in the tracer and in the target
+    (at ``fixed_addr`` with MAP_FIXED_NOREPLACE, or where the kernel chooses); then
+    the target's descriptor is closed: both mappings stay, no fd is left open in the
+    target.  ``scratch_addr``: target memory (in one of our own pages) where the
+    memfd's name is written.  All threads stopped.
+    Returns (target address, tracer mmap, inode of the memfd)."""
+    target.write(scratch_addr, MEMFD_NAME + b"\0")
+    tfd = target.syscall(SYS_memfd_create, scratch_addr, MFD_CLOEXEC)
+    if tfd < 0:
+        raise TargetError(f"memfd_create in process {target.pid} failed: "
+                          f"{os.strerror(-tfd)}", pid=target.pid)
     try:
-        os.ftruncate(fd, size)
-        shm = _mmap.mmap(fd, size)
-        target.write(scratch_addr, path.encode() + b"\0")
-        tfd = target.syscall(SYS_openat, AT_FDCWD & (2**64 - 1), scratch_addr,
-                             O_RDWR | O_CLOEXEC, 0)
-        if tfd < 0:
-            raise TargetError(f"target could not open {path}: errno {-tfd}", pid=target.pid)
+        ret = target.syscall(SYS_ftruncate, tfd, size)
+        if ret < 0:
+            raise TargetError(f"ftruncate of our memfd in process {target.pid} failed: "
+                              f"{os.strerror(-ret)}", pid=target.pid)
+        fd = os.open(target.proc_path(f"fd/{tfd}"), os.O_RDWR | os.O_CLOEXEC)
         try:
-            flags = MAP_SHARED | (MAP_FIXED_NOREPLACE if fixed_addr is not None else 0)
-            addr = target.mmap(fixed_addr or 0, size, PROT_READ | PROT_WRITE, flags, tfd, 0)
+            shm = _mmap.mmap(fd, size)
+            inode = os.fstat(fd).st_ino
         finally:
-            target.syscall(SYS_close, tfd)
+            os.close(fd)
+        flags = MAP_SHARED | (MAP_FIXED_NOREPLACE if fixed_addr is not None else 0)
+        addr = target.mmap(fixed_addr or 0, size, PROT_READ | PROT_WRITE, flags, tfd, 0)
     finally:
-        os.close(fd)
-        os.unlink(path)
-    return addr, shm
+        target.syscall(SYS_close, tfd)
+    return addr, shm, inode
 
 
 def find_gap(maps, near: int, size: int, reach: int = REACH) -> int:

@@ -15,6 +15,10 @@ Patch protocol (the order is the safety argument; see design.md "Quiescence poin
   guards the first byte, then the first byte; resume all.
 * unoptimize: breakpoint first, then the original tail (threads that arrive meanwhile
   trap and run out of line, never over half-restored bytes).
+* verify before every write (arm, optimize, unoptimize, restore): the site's mapping
+  is still the file (dev, inode, offset) it was when armed, and its bytes are ours or
+  the original; else the site's probes are gone and nothing is written (a library
+  unloaded and another one mapped at the same address is left alone).
 """
 from __future__ import annotations
 
@@ -69,15 +73,20 @@ class ProbeManager:
         self._exec_count = getattr(target, "exec_count", 0)
         self._rewind = False
         self._warned_rip = False
+        self._maps_cache: tuple[int, list] | None = None   # (window number, maps)
+        self.window = 0                          # incremented at every window edge
         target.fork_hook = self.on_fork
         arch.shadow_stack = _uses_shadow_stack(target.pid)
 
     # -- helpers ----------------------------------------------------------------------
-    def recovered(self, addr: int, size: int) -> bytes:
+    def recovered(self, addr: int, size: int, skip: Site | None = None) -> bytes:
         """Target bytes at [addr, addr+size) with our own patches replaced by the
-        original bytes (kernel recover_probed_instruction): analysis never sees them."""
+        original bytes (kernel recover_probed_instruction): analysis never sees them.
+        ``skip``: a site whose patch is left as it is."""
         buf = bytearray(self.target.read(addr, size))
         for site in self.sites.values():
+            if site is skip:
+                continue
             patches = []
             if site.armed:
                 patches.append((site.addr, site.orig[:1]))
@@ -90,7 +99,124 @@ class ProbeManager:
         return bytes(buf)
 
     def _stopped(self):
-        return _AllStopped(self.target, self.pauses)
+        return _AllStopped(self, self.pauses)
+
+    # -- verify before write ------------------------------------------------------------
+    def _maps(self) -> list:
+        """The target's mappings; read once per window while every thread is stopped
+        (nothing can map or unmap then), afresh each time otherwise."""
+        if not self.target.stopped:
+            return self.target.maps()
+        if self._maps_cache is None or self._maps_cache[0] != self.window:
+            self._maps_cache = (self.window, self.target.maps())
+        return self._maps_cache[1]
+
+    def _file_id(self, addr: int) -> tuple | None:
+        m = next((m for m in self._maps() if m.start <= addr < m.end), None)
+        return None if m is None else m.file_id(addr)
+
+    def _verify(self, site: Site) -> bool:
+        """Before a write at ``site``: the same file byte is mapped there as when it was
+        armed, and the bytes are the original or ours (breakpoint, jump, or the
+        breakpoint over either tail: the states a patch passes through).  Otherwise
+        every probe of the site becomes gone with the reason, and False is returned:
+        the caller writes nothing."""
+        if site.file_id is None:
+            return True                          # not armed yet: checked when arming
+        now = self._file_id(site.addr)
+        if now != site.file_id:
+            what = "unmapped" if now is None else "mapped to another file"
+            return self._site_gone(site, f"the code at {site.addr:#x} was {what} "
+                                         "(library unloaded?): nothing written")
+        if site.region is not None and site.region.addr != site.addr:
+            return True      # an exit: its jump starts before it; the mapping is checked
+        n = min(self.arch.jump_size, len(site.orig))
+        try:
+            live = self.recovered(site.addr, n, skip=site)
+        except TargetError:
+            return self._site_gone(site, f"the code at {site.addr:#x} cannot be read")
+        bp = self.arch.breakpoint
+        orig = site.orig[:n]
+        ours = {orig, bp + orig[1:]}
+        if site.jump is not None:
+            ours |= {site.jump[:n], bp + site.jump[1:n]}
+        if live not in ours:
+            return self._site_gone(site, f"the code at {site.addr:#x} was changed by "
+                                         f"someone else ({live.hex()}): nothing written")
+        return True
+
+    def _site_gone(self, site: Site, reason: str) -> bool:
+        """The site's address space is not the one we patched any more."""
+        for probe in site.probes:
+            if not probe.is_gone:
+                probe.gone_reason = reason
+        site.armed = site.optimized = False
+        site.gone = True
+        self.original.pop(site.addr, None)      # never written into a fork child either
+        self._dequeue(site)
+        return False
+
+    # -- hands-off ------------------------------------------------------------------
+    def has_patches(self) -> bool:
+        """Anything of ours is (or may be) in the target: a patched site, a mapped area
+        or the ring.  False: detaching needs no window at all."""
+        return bool(self.former_sites or any(a.mapped for a in self.pool.areas)
+                    or self.records.ring is not None)
+
+    def let_go(self) -> bool:
+        """One window: handle the trap events that raced in, then PTRACE_DETACH every
+        thread if no site needs the tracer any more (see :meth:`tracer_reason`).
+        Returns True when the target runs untraced; else it is resumed as it was."""
+        t0 = time.monotonic()
+        self.window += 1
+        self.target.stop_all()
+        released = False
+        try:
+            for ev in self.target.poll(0):
+                self.handle_event(ev, resume=False)
+            if not (self.exited or self.exec_seen) and self.tracer_reason() is None:
+                # Handled trap threads had their rip moved: detaching them delivers
+                # nothing; foreign traps get their SIGTRAP (Target._settle_trap).
+                released = self.target.release()
+        finally:
+            if released:
+                self.held = []
+            elif not self.target.exited:
+                self.window += 1
+                self.target.resume_all()
+                self.release_held()
+            self.pauses.append(time.monotonic() - t0)
+        return released
+
+    def site_needs_tracer(self, site: Site) -> bool:
+        """True when a hit at ``site`` stops the hitting thread for the tracer: an
+        int3 (armed, not optimized, not served by the kernel's uprobe) with an enabled
+        probe, or a detour that traps to run a Python pre_handler.  The one place that
+        decides (see tracer_reason)."""
+        if site.gone or not site.enabled_probes():
+            return False
+        if site.wanted_kind() == "python":
+            return True
+        if site.kernel is not None:
+            return False                     # the kernel's uprobe handles its int3
+        return site.armed and not site.optimized
+
+    def tracer_reason(self) -> str | None:
+        """Why the target cannot run without its tracer now (None: every live probe
+        runs in-process, ptrace may be let go).  Sites whose hits trap (int3, Python
+        handlers) need a tracer to handle the SIGTRAP, or the thread dies of it."""
+        sites = [s for s in self.sites.values() if self.site_needs_tracer(s)]
+        if not sites:
+            return None
+        python = sum(1 for s in sites if s.wanted_kind() == "python")
+        int3 = len(sites) - python
+        parts = []
+        if int3:
+            parts.append(f"{int3} int3 site{'s need' if int3 > 1 else ' needs'} the tracer")
+        if python:
+            parts.append(f"{python} site{'s' if python > 1 else ''} with Python "
+                         f"handlers need{'' if python > 1 else 's'} the tracer")
+        return ", ".join(parts)
 
     # -- registration -----------------------------------------------------------------
     def register(self, resolved, handler: str = "python", pre_handler: Callable = None,
@@ -113,23 +239,31 @@ class ProbeManager:
         # written into a fresh slot first.  Only mapping a new detour area stops the
         # threads (remote mmap), and multi-byte patches (unoptimize) do.
         probes = []
+        # Checks and analysis read the target while it runs; one window arms the batch.
         addrs = [self._check_site(item[0]) for item in items]
-        for addr, (resolved, handler, pre_handler, spec, optimize) in zip(addrs, items):
-            site = self.sites.get(addr) or self._new_site(addr, resolved)
-            probe = Probe(spec or resolved.spec, resolved.addr, site, handler,
-                          pre_handler, resolved.symbol, optimize)
-            probe.nargs = nargs
-            site.probes.append(probe)
-            self.probes.append(probe)
-            # A kernel-served site may change hands here: the new probe counts from
-            # after the hand-back (every thread stopped), not from before it.
-            served = site.kernel is not None
-            if not served:
-                self._probe_enabled(probe)
-            self._site_changed(site)
-            if served:
-                self._probe_enabled(probe)
-            probes.append(probe)
+        news = {}
+        for addr, item in zip(addrs, items):
+            if addr not in self.sites and addr not in news:
+                news[addr] = self._new_site(addr, item[0], register=False)
+        with self._stopped():
+            for addr, (resolved, handler, pre_handler, spec, optimize) in zip(addrs, items):
+                site = self.sites.get(addr)
+                if site is None:
+                    site = self._register_site(news[addr])
+                probe = Probe(spec or resolved.spec, resolved.addr, site, handler,
+                              pre_handler, resolved.symbol, optimize)
+                probe.nargs = nargs
+                site.probes.append(probe)
+                self.probes.append(probe)
+                # A kernel-served site may change hands here: the new probe counts from
+                # after the hand-back (every thread stopped), not from before it.
+                served = site.kernel is not None
+                if not served:
+                    self._probe_enabled(probe)
+                self._site_changed(site)
+                if served:
+                    self._probe_enabled(probe)
+                probes.append(probe)
         return probes
 
     def _check_site(self, resolved) -> int:
@@ -152,14 +286,18 @@ class ProbeManager:
                               "own int3)", addr=addr, pid=self.target.pid)
         return addr
 
-    def _new_site(self, addr: int, resolved) -> Site:
+    def _new_site(self, addr: int, resolved, register: bool = True) -> Site:
         n = max(self.arch.jump_size, 16)
         end = resolved.func_addr + resolved.func_size
         orig = self.recovered(addr, max(1, min(n, end - addr)))
         site = Site(addr, orig, resolved.func_addr, resolved.func_size,
-                    want_optimize=self.optimize_enabled, id=len(self.site_by_id))
+                    want_optimize=self.optimize_enabled)
+        return self._register_site(site) if register else site
+
+    def _register_site(self, site: Site) -> Site:
+        site.id = len(self.site_by_id)
         self.site_by_id.append(site)
-        self.sites[addr] = site
+        self.sites[site.addr] = site
         return site
 
     def set_record_regs(self, site: Site, regs: tuple) -> None:
@@ -209,6 +347,8 @@ class ProbeManager:
     # -- site state machine -----------------------------------------------------------
     def _site_changed(self, site: Site) -> None:
         """Bring a site's patch in line with its probes (all threads stopped)."""
+        if site.gone:
+            return
         kind = site.wanted_kind()
         if site.kernel is not None and kind != site.kernel_kind:
             self._take_back(site)
@@ -246,16 +386,6 @@ class ProbeManager:
         self.release_held()
         site.kernel_note = None
 
-    def needs_tracer(self, site: Site) -> bool:
-        """Does a hit of ``site`` need the tracer?  No when the site jumps to an
-        in-process handler (optimized count/record) or the kernel's uprobe serves it;
-        yes for Python handlers and for int3 sites on ptrace."""
-        if site.wanted_kind() is None:
-            return False
-        if site.wanted_kind() == "python":
-            return True
-        return not (site.optimized or site.kernel is not None)
-
     def serve_refused(self) -> int:
         """Hand every int3 site the optimizer refused (count/record only) to the
         kernel's uprobe.  Returns how many are now served."""
@@ -288,13 +418,17 @@ class ProbeManager:
                 raise SymbolError(f"cannot probe {site.addr:#x}: {plan}", addr=site.addr)
             self.target.write(slot, plan.code)
             site.xol_addr = slot
+        if site.file_id is None:
+            site.file_id = self._file_id(site.addr)
+        elif not self._verify(site):
+            return
         self.original.setdefault(site.addr, site.orig[: self.arch.jump_size])
         self.target.write(site.addr, self.arch.breakpoint)
         site.armed = True
         self.former_sites.add(site.addr)
 
     def _disarm(self, site: Site) -> None:
-        if site.armed:
+        if site.armed and self._verify(site):
             self.target.write(site.addr, site.orig[:1])
             site.armed = False
 
@@ -449,7 +583,8 @@ class ProbeManager:
             "record", counter_addr=site.counter.addr, ncpu_slots=self.ncpu_slots,
             rseq_offset=self.rseq_offset, ring_addr=ring.addr, ring_mask=ring.mask,
             missed_addr=site.missed.addr, probe_id=site.id,
-            nargs=max(p.nargs for p in site.enabled_probes()), regs=site.record_regs)
+            nargs=max(p.nargs for p in site.enabled_probes()), regs=site.record_regs,
+            tid_offset=self.records.tid_offset)
 
     def _redirect_xol_starts(self, sites: list[Site]) -> None:
         """A thread about to run a site's XOL copy (rip at its first byte) is moved to
@@ -523,6 +658,9 @@ class ProbeManager:
         # the first byte goes last (kernel text_poke_bp order).
         at = site.region.addr          # != site.addr for an exit (the region ends there)
         tail, head = self.arch.optimize(site.region, site.detour.slot_addr)
+        site.jump = head + tail
+        if not self._verify(site):
+            return
         self.original.setdefault(at, site.region.orig[: self.arch.jump_size])
         self.target.write(at + 1, tail)
         self.target.write(at, head)
@@ -541,12 +679,16 @@ class ProbeManager:
             # the exit itself), so with all threads stopped the original bytes, with
             # the exit's breakpoint back in them, go in one write.
             with self._stopped():
+                if not self._verify(site):
+                    return
                 self.target.write(site.region.addr,
                                   self.arch.unoptimize_exit(site.region, site.addr))
             site.optimized = False
             return
         head, tail = self.arch.unoptimize(site.region)
         with self._stopped():      # a multi-byte patch: no thread may fetch meanwhile
+            if not self._verify(site):
+                return
             self.target.write(site.addr, head)       # breakpoint first
             self.target.write(site.addr + 1, tail)   # then the original tail
         site.optimized = False
@@ -722,6 +864,9 @@ class ProbeManager:
         # kernel's own restore (set_orig_insn) finds no int3 and writes nothing.
         self.kernel.close()
         self.restore_all()
+        for probe in self.probes:
+            if probe.is_gone:
+                probe.final_state = None             # found gone by the verification
         notes = self.release_areas()
         for _ in range(20):
             if not notes:
@@ -760,18 +905,44 @@ class ProbeManager:
                 continue
             words.append(regs.rip)
             words += self._stack_words(regs.rsp, maps).tolist()
+        busy = False
         for area in self.pool.areas:
             if not area.mapped:
                 continue
             if any(area.contains(w) for w in words):
+                busy = True
                 notes.append(f"detour area at {area.code_addr:#x} left mapped: a thread "
                              "may still be inside it")
+                continue
+            if not area.is_ours(maps):
+                area.mapped = False
+                notes.append(f"detour area at {area.code_addr:#x} is not ours any more "
+                             "(unmapped or replaced by the program): left alone")
                 continue
             try:
                 area.unmap()
             except TargetError as e:
                 notes.append(f"could not unmap detour area at {area.code_addr:#x}: {e}")
+        if not busy:
+            notes += self._release_ring(maps)
         return notes
+
+    def _release_ring(self, maps) -> list[str]:
+        """Unmap the record ring: only detour code writes into it, and no thread is
+        inside any detour area (checked by the caller), so no store can be in flight.
+        Our own mapping of it stays: records are drained after the detach."""
+        ring = self.records.ring
+        if ring is None or getattr(ring, "unmapped", False):
+            return []
+        ring.unmapped = True
+        m = next((m for m in maps if m.start == ring.addr), None)
+        if m is None or m.inode != getattr(ring, "inode", None):
+            return [f"record ring at {ring.addr:#x} is not ours any more: left alone"]
+        try:
+            self.target.munmap(ring.addr, ring.size)
+        except TargetError as e:
+            return [f"could not unmap the record ring at {ring.addr:#x}: {e}"]
+        return []
 
 
 def _uses_shadow_stack(pid: int) -> bool:
@@ -785,10 +956,13 @@ def _uses_shadow_stack(pid: int) -> bool:
 
 
 class _AllStopped:
-    """Context manager: all threads stopped inside, previous state restored after."""
+    """Context manager: a window (all threads stopped inside), previous state restored
+    after.  A released target is seized for the window and stays seized after it (the
+    owner decides when to let it go again)."""
 
-    def __init__(self, target, pauses: list):
-        self.target = target
+    def __init__(self, manager, pauses: list):
+        self.manager = manager
+        self.target = manager.target
         self.pauses = pauses
         self.t0 = 0.0
         self.was_stopped = True
@@ -797,11 +971,13 @@ class _AllStopped:
         self.was_stopped = self.target.stopped
         self.t0 = time.monotonic()
         if not self.was_stopped:
+            self.manager.window += 1
             self.target.stop_all()
         return self
 
     def __exit__(self, *exc):
         if not self.was_stopped and not self.target.exited:
+            self.manager.window += 1
             self.target.resume_all()
             self.pauses.append(time.monotonic() - self.t0)
         return False

@@ -61,6 +61,9 @@ class Site:
                                    # tail-call jmp) of a return probe; its jump region
                                    # then ENDS at the exit and starts before it
     record_regs: tuple | None = None   # registers a record stores (None: argument regs)
+    file_id: Any = None            # (dev, inode, file offset) mapped at addr when armed
+    jump: bytes | None = None      # the jump written (or to write) at addr
+    gone: bool = False             # its address space is not the one we patched
 
     @property
     def patch_addr(self) -> int:

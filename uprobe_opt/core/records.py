@@ -25,11 +25,13 @@ ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 
 
 class ThreadNames:
-    """fs base (glibc: the thread's TCB, == pthread_self()) -> kernel tid.
+    """The offset of the tid in glibc's ``struct pthread`` (from the fs base), measured
+    on every stopped thread when the ring is created, never assumed: with it, record
+    detours read the tid in-process (ringlayout.py THREAD).
 
-    Known exactly for every thread we have seen stopped; for others, read from the
-    thread's own ``struct pthread`` (its ``tid`` field, at an offset that is measured
-    on the stopped threads at start, never assumed)."""
+    Fallback when no single offset fits every thread (not glibc, a thread that set its
+    own fs): fs base -> kernel tid, exact for every thread seen stopped, else read at
+    drain time (stale once a later thread reuses the same TLS block)."""
 
     def __init__(self, target):
         self.target = target
@@ -99,6 +101,7 @@ class Records:
         self.threads = ThreadNames(manager.target)
         manager.target.thread_hook = self.threads.learn_thread
         self.pending: list[np.ndarray] = []
+        self.tid_offset: int | None = None   # the ring's thread word is the tid itself
         self._trap_rows: list[tuple] = []
         self.nrecords = 0
 
@@ -110,12 +113,15 @@ class Records:
             n = records_for_bytes(self.buffer_bytes)
             size = RingBuffer.size_for(n)
             scratch = self.manager.pool.slot_near(near)
-            addr, shm = map_shared_file(self.manager.target, size, scratch)
+            addr, shm, inode = map_shared_file(self.manager.target, size, scratch)
             ring = RingBuffer(shm, addr, n)
+            ring.inode, ring.size = inode, size
             ring.initialize()
             self.ring = ring
             self.clock = TscClock()
             self.threads.learn()
+            # Fixed for the ring's life: every record detour reads the tid in-process.
+            self.tid_offset = self.threads.tid_offset
         return self.ring
 
     def add_trap_record(self, site, values: dict, tid: int) -> None:
@@ -182,7 +188,10 @@ class Records:
         out["site"] = raw["probe_id"]
         out["nargs"] = raw["nargs"]
         out["time_ns"] = self.clock.to_ns(raw["tsc"])
-        out["tid"] = self.threads.names(raw["fs_base"])
+        if self.tid_offset is not None:
+            out["tid"] = (raw["fs_base"] & np.uint64(0xFFFFFFFF)).astype(np.int32)
+        else:
+            out["tid"] = self.threads.names(raw["fs_base"])
         out["args"] = raw["args"]
         self.pending.append(out)
         self.nrecords += len(out)

@@ -34,6 +34,7 @@ from typing import Callable, Union
 from ..errors import (AccessDenied, PatchError, ProbeError, ProcessGone, TargetError,
                       TargetExited, ThreadGone, UsageError)
 from . import _ptrace as pt
+from . import seccomp
 from .maps import Mapping, read_maps
 
 __all__ = ["Target", "ForkedChild", "TrapEvent", "ExitEvent", "ExecEvent", "Event",
@@ -209,11 +210,21 @@ def _check_attachable(pid: int) -> None:
     if _is_kernel_thread(pid, st):
         raise UsageError(f"process {pid} ({st.get('Name', '?')}) is a kernel thread: it "
                          "has no user-space code to probe", pid=pid)
+    if st.get("Seccomp", "0").strip() == "1":
+        raise seccomp.strict_refusal(pid)
     tracer = int(st["TracerPid"])
     if tracer:
         tst = _read_status(f"/proc/{tracer}/status") or {"Name": "?"}
         raise AccessDenied(f"process {pid} is already traced by process {tracer} "
                            f"({tst['Name']}); detach that tracer first", pid=pid)
+
+
+def _live_task(pid: int) -> int | None:
+    """None when the leader is alive (use /proc/PID/mem), else a live thread's tid:
+    a zombie leader (pthread_exit) has no mm, its threads do."""
+    if _task_state(pid, pid) not in "ZX":
+        return None
+    return next((t for t in _list_tasks(pid) if _task_state(pid, t) not in "ZX"), None)
 
 
 def _read_auxv(pid: int) -> dict[int, int]:
@@ -403,6 +414,12 @@ class Target:
         self._gadget: int | None = None
         self._closed = False
         self._leader_gone = False          # zombie leader at attach: not traced
+        self._released = False             # no thread traced: hands-off (see release)
+        self._child = False                # spawned by us: waitpid works untraced
+        self._pidfd: int | None = None     # os.pidfd_open(pid) while released
+        self._exec_probe: int | None = None  # a readable address of the mm we know
+        self._window = 0                   # stop_all calls (seccomp filters re-read)
+        self._filters = None               # ((tid, window), cBPF programs)
         self._wakeup = _Wakeup.acquire()
 
     def __repr__(self) -> str:
@@ -421,6 +438,12 @@ class Target:
         return frozenset(t.tid for t in self._threads.values() if not t.zombie)
 
     @property
+    def released(self) -> bool:
+        """True while no thread is traced (before the first stop_all of a Target
+        attached with ``stop=False``, and after :meth:`release`)."""
+        return self._released
+
+    @property
     def stopped(self) -> bool:
         """True when every live traced thread is in a ptrace-stop."""
         live = [t for t in self._threads.values() if not t.zombie]
@@ -428,12 +451,21 @@ class Target:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def attach(cls, pid: int) -> "Target":
+    def attach(cls, pid: int, *, stop: bool = True) -> "Target":
         """Seize every thread of ``pid`` and stop them all. Raises ProcessGone (no such
         pid), AccessDenied (EPERM, or another tracer), UsageError (pid is a thread).
-        On failure every thread already seized is detached again."""
+        On failure every thread already seized is detached again.
+
+        ``stop=False``: only the checks; nothing is seized and the process keeps
+        running untouched (``released``) until the first :meth:`stop_all`, which
+        seizes every thread then (a window).  Memory can be read meanwhile."""
         _check_attachable(pid)
         self = cls(pid)
+        if not stop:
+            self._released = True
+            self._open_pidfd()
+            self._mem.open(_live_task(pid))
+            return self
         try:
             self._seize_all()
             self._mem.open(next(iter(self._threads)) if self._leader_gone else None)
@@ -506,6 +538,7 @@ class Target:
                 raise UsageError(f"spawn: stdin/stdout/stderr must be fds, not {fd!r}")
         pid, err_r = _fork_exec(path, list(argv), (stdin, stdout, stderr), env, cwd)
         self = cls(pid)
+        self._child = True
         self._threads[pid] = _Thread(pid, pid)
         try:
             self._finish_spawn(argv[0], err_r)
@@ -579,7 +612,15 @@ class Target:
         """Stop every thread (INTERRUPT all running ones first, then wait for each).
         Events arriving meanwhile are queued for poll; new clones stay stopped until
         resume_all. Raises TargetError if a thread does not stop within ``timeout`` s.
-        If the process exits meanwhile, returns with ``exited`` True and no threads."""
+        If the process exits meanwhile, returns with ``exited`` True and no threads.
+        A released Target seizes every thread first (AccessDenied if another tracer
+        attached meanwhile); an exec that happened while released is reported as an
+        ExecEvent (the write fence is up before anything can be written)."""
+        if self._released:
+            self._reseize()
+            if self.exited:
+                return
+        self._window += 1
         self._all_stopped = True
         for t in list(self._threads.values()):
             if not t.stopped and not t.new:
@@ -604,6 +645,162 @@ class Target:
         if sig:
             t.sigs.insert(0, sig)
         self._resume_thread(t)
+
+    @_boundary
+    def release(self) -> bool:
+        """PTRACE_DETACH every thread and keep the Target: memory stays readable and
+        writable through /proc/PID/mem, the process runs with no tracer (its signals
+        are delivered by the kernel alone, a debugger can attach, our death does not
+        touch it); :meth:`poll` learns of its exit through a pidfd; the next
+        :meth:`stop_all` seizes it again.  A thread holding a TrapEvent nobody
+        resumed is settled as :meth:`detach` does; threads that cannot be detached
+        (a traced vfork parent, a traced leader that became a zombie) make it return
+        False with nothing changed.  Returns True once released."""
+        self._check_alive()
+        if self._released:
+            return True
+        if not self.stopped:
+            self.stop_all()
+            if self.exited:
+                return False
+        if any(not t.stopped or t.proc != self.pid for t in self._threads.values()):
+            return False
+        if not self._open_pidfd():
+            return False                          # no pidfd: we could not see the exit
+        dying = [t for t in list(self._threads.values()) if not self._detach_thread(t)]
+        self._threads.clear()
+        self._all_stopped = False
+        if dying:
+            # Killed in the window (SIGKILL wakes a stopped tracee): each such thread
+            # stays our tracee and its exit is reported to us alone; unreaped, it would
+            # keep the thread group alive and the pidfd would never fire.
+            self._reap_dying(dying)
+            return False
+        self._released = True
+        m = next((m for m in self._read_maps() if m.perms[0] == "r"), None)
+        self._exec_probe = None if m is None else m.start
+        return True
+
+    def _reap_dying(self, dying: list[_Thread]) -> None:
+        status = None
+        for t in sorted(dying, key=lambda t: t.tid == self.pid):   # leader last
+            try:
+                _, st = os.waitpid(t.tid, pt.WALL)
+            except ChildProcessError:
+                continue
+            if t.tid == self.pid:
+                status = st
+        self._process_gone(status)
+
+    def _open_pidfd(self) -> bool:
+        if self._pidfd is None:
+            try:
+                self._pidfd = os.pidfd_open(self.pid)
+            except (OSError, AttributeError):     # Linux < 5.3, Python < 3.9
+                return False
+        return True
+
+    def _reseize(self) -> None:
+        """Seize every thread again after :meth:`release` (or the first time)."""
+        if self._pidfd is not None and select.select([self._pidfd], [], [], 0)[0]:
+            self._released_exit()
+            return
+        st = _read_status(f"/proc/{self.pid}/status")
+        if st is None:
+            self._released_exit()
+            return
+        tracer = int(st["TracerPid"])
+        if tracer and tracer != os.getpid():
+            raise AccessDenied(f"process {self.pid} is traced by process {tracer} now: "
+                               "cannot stop it to restore its code", pid=self.pid)
+        self._leader_gone = False
+        self._seize_all()
+        self._released = False
+        self._check_same_mm()
+
+    def _check_same_mm(self, reopen_only_if_live: bool = False) -> None:
+        """/proc/PID/mem is bound to the mm it was opened on: reading 0 bytes from it
+        means that mm is gone: the process exec'd while we were released."""
+        if self._mem.fd is None:
+            return
+        try:
+            m = next((m for m in self._read_maps() if m.perms[0] == "r"), None)
+        except ProbeError:
+            return
+        if m is None:
+            return
+        try:
+            gone = not os.pread(self._mem.fd, 1, self._exec_probe or m.start)
+        except OSError:
+            gone = False                     # EIO: unreadable page, same mm
+        if gone and reopen_only_if_live:
+            try:
+                fresh = _Memory(self.pid)
+                fresh.open(_live_task(self.pid))
+                live = bool(os.pread(fresh.fd, 1, m.start))
+                fresh.close()
+            except (OSError, ProbeError):
+                live = False
+            gone = live                      # else: exiting, the pidfd will say so
+        if gone:
+            self._exec_probe = m.start
+            self._mem.open(_live_task(self.pid))
+            self._gadget = None
+            self.exec_count += 1
+            self._events.append(ExecEvent(self.pid))
+
+    def _check_exec_released(self) -> None:
+        """No pidfd tells of an exec: our /proc/PID/mem fd does (it reads 0 bytes once
+        the mm it was opened on is gone).  Exiting also drops the mm: an exec is when a
+        fresh /proc/PID/mem reads the new image.  One pread per wake-up."""
+        if self._mem.fd is None or self._exec_probe is None:
+            return
+        try:
+            if os.pread(self._mem.fd, 1, self._exec_probe):
+                return
+        except OSError:
+            return
+        self._check_same_mm(reopen_only_if_live=True)
+
+    def _released_exit(self) -> None:
+        """The released process is gone (its pidfd is readable): reap it if it is our
+        child (spawned), else its status is unknown (only a parent or a tracer learns
+        it)."""
+        status = None
+        if self._child:
+            try:
+                wpid, st = os.waitpid(self.pid, os.WNOHANG)
+                if wpid:
+                    status = st
+            except ChildProcessError:
+                pass
+        self._released = False
+        self._process_gone(status)
+
+    def _wait_released(self, timeout: float | None) -> None:
+        """poll() while released: sleep on the pidfd (and the tracer's own signals)."""
+        if self._pidfd is None:                  # no pidfd: look at /proc
+            time.sleep(0.01 if timeout is None else min(timeout, 0.01))
+            st = _read_status(f"/proc/{self.pid}/status")
+            if st is None or st["State"][0] in "ZX" and len(_list_tasks(self.pid)) <= 1:
+                self._released_exit()
+            return
+        fds = [self._pidfd] + ([_Wakeup.rfd] if self._wakeup else [])
+        ready = select.select(fds, [], [], timeout)[0]
+        if self._wakeup:
+            _Wakeup.drain()
+        if self._pidfd not in ready:
+            self._check_exec_released()
+            return
+        if self._pidfd in ready:
+            if self._child:
+                # our child: pidfd_open reports the exit before its zombie can be
+                # reaped in rare cases; wait for the status (it is a zombie now)
+                for _ in range(1000):
+                    if os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                        break
+                    time.sleep(0.001)
+            self._released_exit()
 
     def _interrupt(self, t: _Thread) -> None:
         try:
@@ -678,9 +875,11 @@ class Target:
         """Wait up to ``timeout`` s (None: forever) for events and return them; returns
         early, possibly with [], when the tracer receives a signal that has a Python
         handler (SIGINT, SIGTERM...) so callers can check their flags."""
-        if not self._events and not self.exited:
+        if self._released and not self._events:
+            self._wait_released(timeout)
+        elif not self._events and not self.exited:
             self._wait(lambda: bool(self._events) or not self._threads, timeout)
-        elif not self.exited:
+        elif not self.exited and not self._released:
             self._reap_ready()
         events, self._events = self._events, []
         return events
@@ -921,9 +1120,18 @@ class Target:
     # ------------------------------------------------------------------ memory, registers
     @_boundary
     def read(self, addr: int, size: int) -> bytes:
-        """``size`` bytes at ``addr``. TargetError (carrying addr) on EIO/short read."""
+        """``size`` bytes at ``addr``. TargetError (carrying addr) on EIO/short read;
+        ProcessGone once the address space we know is gone (exit, or an exec: the
+        message says which)."""
         self._check_alive()
-        return self._mem.read(addr, size)
+        try:
+            return self._mem.read(addr, size)
+        except ProcessGone as exc:
+            if self._released and _task_state(self.pid, self.pid) not in "ZX":
+                raise ProcessGone(f"process {self.pid} exec'd a new program while "
+                                  "uprobe-opt prepared its probes: nothing was written",
+                                  pid=self.pid, addr=addr) from exc
+            raise
 
     @_boundary
     def write(self, addr: int, data: bytes) -> None:
@@ -945,6 +1153,17 @@ class Target:
         if self._write_gen != self.exec_count:
             raise ProcessGone(f"process {self.pid} exec'd a new program: no write into "
                               "the new image (Target.accept_exec lifts this)", pid=self.pid)
+
+    def live_task(self) -> int:
+        """The pid, or a live thread's tid when the leader is a zombie (for /proc)."""
+        return _live_task(self.pid) or self.pid
+
+    def proc_path(self, name: str) -> str:
+        """/proc/PID/NAME, through a live thread's /proc/PID/task/TID/NAME when the
+        leader is a zombie (it has no mm and no file table any more)."""
+        tid = _live_task(self.pid)
+        return (f"/proc/{self.pid}/{name}" if tid is None
+                else f"/proc/{self.pid}/task/{tid}/{name}")
 
     @_boundary
     def maps(self) -> list[Mapping]:
@@ -1015,6 +1234,7 @@ class Target:
         t = self._syscall_thread(tid)
         self._check_image()
         gadget = self._syscall_gadget()
+        self._check_seccomp(t, nr, args, gadget)
         saved = pt.getregs(t.tid)
         info = self._stop_siginfo(t)
         mask = pt.getsigmask(t.tid)
@@ -1041,6 +1261,25 @@ class Target:
                 if t.group_stop:
                     self._back_to_group_stop(t)
         return _signed(result)
+
+    def _check_seccomp(self, t: _Thread, nr: int, args, gadget: int) -> None:
+        """AccessDenied (nothing injected) when the thread's seccomp mode or filter
+        would not let system call ``nr`` with ``args`` run unchanged (see seccomp.py)."""
+        mode = seccomp.seccomp_mode(self.pid, t.tid)
+        if mode == 0:
+            return
+        if mode == 1:
+            raise seccomp.strict_refusal(self.pid)
+        key = (t.tid, self._window)
+        if self._filters is None or self._filters[0] != key:
+            self._filters = (key, seccomp.read_filters(t.tid))
+        # the kernel reports the address after the syscall instruction (regs->ip)
+        action = seccomp.verdict(self._filters[1], nr, args, gadget + 2)
+        if action is not None:
+            raise AccessDenied(f"process {self.pid} runs under a seccomp filter that "
+                               f"answers {action} to system call {nr} (which uprobe-opt "
+                               "needs to run in it to place its code): not done, the "
+                               "process was left as it was", pid=self.pid, tid=t.tid)
 
     @staticmethod
     def _stop_siginfo(t: _Thread):
@@ -1175,17 +1414,22 @@ class Target:
         finally:
             self._close()
 
-    def _detach_thread(self, t: _Thread) -> None:
+    def _detach_thread(self, t: _Thread) -> bool:
+        """False when the thread was killed meanwhile (ESRCH): it stays our tracee
+        until its exit is reaped."""
         if not t.stopped:
-            return                          # zombie leader / vfork parent: cannot detach
+            return True                     # zombie leader / vfork parent: cannot detach
         sig = self._settle_trap(t) if t.held else (t.sigs.pop(0) if t.sigs else 0)
+        detached = True
         try:
             pt.detach(t.tid, sig)
         except pt.PtraceOSError as exc:
             if not _esrch(exc):
                 raise
+            detached = False
         self._resend(t)
         del self._threads[t.tid]
+        return detached
 
     def _settle_trap(self, t: _Thread) -> int:
         """A TrapEvent nobody resumed: if rip is untouched and the int3 is still there,
@@ -1206,7 +1450,9 @@ class Target:
         if self._closed:
             return
         try:
-            if not self.exited:
+            if self._released and not self.exited:
+                self._kill_released()
+            elif not self.exited:
                 for proc in {t.proc for t in self._threads.values()} | {self.pid}:
                     try:
                         os.kill(proc, signal.SIGKILL)
@@ -1218,8 +1464,28 @@ class Target:
             self._events.clear()
             self._close()
 
+    def _kill_released(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if self._child:
+            try:
+                _, status = os.waitpid(self.pid, 0)
+                self._released = False
+                self._process_gone(status)
+                return
+            except ChildProcessError:
+                pass
+        select.select([self._pidfd], [], [], 10.0)
+        self._released_exit()
+
     def _close(self) -> None:
         self._mem.close()
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+        self._released = False
         self._threads.clear()
         if not self._closed and self._wakeup:
             _Wakeup.release()

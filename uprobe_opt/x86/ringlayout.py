@@ -21,7 +21,8 @@ Record (RECORD_SIZE = 80 bytes, little endian)::
     +8   u32 probe_id
     +12  u32 nargs      how many of args[] are valid (0..6)
     +16  u64 tsc        rdtsc at the hit
-    +24  u64 fs_base    the thread pointer (see FS_BASE below)
+    +24  u64 fs_base    the thread word: the kernel tid (zero-extended, see THREAD
+                        below) or, when the tid cannot be read, the thread pointer
     +32  u64 args[6]    rdi, rsi, rdx, rcx, r8, r9 as at the probe site (first nargs)
 
 Protocol: Dmitry Vyukov's bounded MPMC queue with a single consumer
@@ -47,6 +48,13 @@ x86-64 TLS ABI (Drepper, "ELF Handling For Thread-Local Storage", variant II; gl
 ``tcbhead_t.tcb``, musl's ``struct pthread.self``): the first word of the thread
 control block at fs base is a pointer to itself, so ``fs:[0] == fs base``.  A thread
 that set fs by hand (arch_prctl) without that convention gets whatever its fs:[0] is.
+
+THREAD: glibc keeps each thread's kernel tid in its ``struct pthread``, which starts at
+the fs base.  The tracer learns that field's offset when it creates the ring (the one
+offset where fs base + offset holds the tid in every stopped thread) and the detour
+loads ``fs:[offset]``: the tid is read by the thread itself at the hit, so it is right
+even when a later thread reuses the same TLS block (an fs-base -> tid table would be
+stale then).
 """
 from __future__ import annotations
 

@@ -54,7 +54,9 @@ class HandlerSpec:
     ``probe_id``, ``nargs`` (0..6: how many of rdi, rsi, rdx, rcx, r8, r9 are stored;
     with ``regs`` given, those registers instead, e.g. ``("rax", "rdx", "rsp")`` at an
     exit, their values as at the probe site: rsp is the site rsp),
-    rdtsc and the fs base.  ``ring_mask`` = records - 1.  A full ring drops the record
+    rdtsc and the thread word: the u32 tid at ``fs:[tid_offset]`` (the thread's own
+    descriptor) when ``tid_offset`` is given, else the fs base.  ``ring_mask`` =
+    records - 1.  A full ring drops the record
     and does ``lock inc`` of the u64 at ``missed_addr``, so records + missed == hits.
     """
 
@@ -68,6 +70,7 @@ class HandlerSpec:
     probe_id: int = 0
     nargs: int = RL.MAX_ARGS
     regs: tuple[str, ...] | None = None
+    tid_offset: int | None = None
 
     def __post_init__(self):
         if self.kind not in HANDLER_KINDS:
@@ -266,9 +269,15 @@ def put_record_fields(w: TrampolineWriter, spec: HandlerSpec) -> None:
     w.put_bytes(b"\x0f\x31")                                        # rdtsc: edx:eax
     w.put_asm(f"mov dword ptr [rbx + {RL.TSC_OFFSET}], eax")
     w.put_asm(f"mov dword ptr [rbx + {RL.TSC_OFFSET + 4}], edx")
-    # mov rax, qword ptr fs:[0]: the TCB self-pointer == fs base (ringlayout.py FS_BASE);
-    # SIB without base, as in put_count_handler.
-    w.put_bytes(b"\x64\x48\x8b\x04\x25\x00\x00\x00\x00")
+    if spec.tid_offset is not None:
+        # mov eax, dword ptr fs:[tid_offset]: the kernel tid in the thread's own
+        # descriptor (glibc struct pthread.tid, ringlayout.py THREAD); a 32-bit load
+        # zero-extends into rax.  SIB without base, as in put_count_handler.
+        w.put_bytes(b"\x64\x8b\x04\x25" + spec.tid_offset.to_bytes(4, "little", signed=True))
+    else:
+        # mov rax, qword ptr fs:[0]: the TCB self-pointer == fs base (ringlayout.py
+        # FS_BASE).
+        w.put_bytes(b"\x64\x48\x8b\x04\x25\x00\x00\x00\x00")
     w.put_asm(f"mov qword ptr [rbx + {RL.FS_BASE_OFFSET}], rax")
 
 
