@@ -29,7 +29,7 @@ def test_single_thread_exact_hits_int3(c_target, traced, run_plain):
     assert res.stdout == run_plain([exe, "1000"]).stdout
     assert res.exit_code == 0
     assert res.summary == [{"probe": "work", "address": hex(probe.addr), "state": "int3",
-                            "hits": 1000, "nmissed": 0, "reason": None}]
+                            "hits": 1000, "nmissed": 0, "reason": None, "served_by": "tracer"}]
 
 
 def test_16_threads_160000_hits_on_one_int3_probe(c_target, traced, run_plain):
@@ -224,7 +224,7 @@ def test_cli_spawn_json_summary_and_exit_status(c_target, tmp_path, run_plain):
     assert summary["event"] == "summary"
     [row] = summary["probes"]
     assert row == {"probe": "work", "address": row["address"], "state": "int3",
-                   "hits": 250, "nmissed": 0, "reason": None}
+                   "hits": 250, "nmissed": 0, "reason": None, "served_by": "tracer"}
 
 
 def test_cli_print_lines_and_child_exit_code(c_target, tmp_path):

@@ -125,6 +125,13 @@ def _open_output(path: str):
         raise UsageError(f"-o {path}: {e.strerror}") from None
 
 
+def _reason_cell(row: dict) -> str:
+    reason = row["reason"] or ""
+    if row.get("served_by") == "kernel uprobe":
+        return f"(kernel uprobe) {reason}".rstrip()
+    return reason
+
+
 class Output:
     """Where our own lines go (stdout, or -o FILE so a spawned program owns stdout)."""
 
@@ -192,12 +199,14 @@ class Output:
             self.write(f"uprobe-opt: {msg}\n")
 
     def summary(self, rows: list[dict]) -> None:
+        """The summary table (text) or its JSON line; a site the kernel's uprobe
+        serves shows "(kernel uprobe)" before its reason."""
         if self.json:
             self.emit({"event": "summary", "probes": rows})
             return
         head = ("PROBE", "ADDRESS", "STATE", "HITS", "NMISSED", "REASON")
         table = [head] + [(r["probe"], r["address"], r["state"], str(r["hits"]),
-                           str(r["nmissed"]), r["reason"] or "") for r in rows]
+                           str(r["nmissed"]), _reason_cell(r)) for r in rows]
         widths = [max(len(row[i]) for row in table) for i in range(5)]
         for row in table:
             cells = [row[i].ljust(widths[i]) if i in (0, 1, 2) else row[i].rjust(widths[i])

@@ -376,9 +376,12 @@ class Tracer:
     # -- results ----------------------------------------------------------------------
     def summary(self) -> list[dict]:
         """One dict per registered probe: probe (spec), address (hex string of the
-        requested address), state, hits, nmissed, reason (None when optimized)."""
+        requested address), state, hits, nmissed, reason (None when optimized),
+        served_by (``in-process``, ``kernel uprobe`` or ``tracer``; see
+        Probe.served_by); then the return probes' rows."""
         rows = [{"probe": p.spec, "address": f"{p.addr:#x}", "state": p.state.value,
-                 "hits": p.nhit, "nmissed": p.nmissed, "reason": p.reason}
+                 "hits": p.nhit, "nmissed": p.nmissed, "reason": p.reason,
+                 "served_by": p.served_by}
                 for p in self.probes if p.retprobe is None]
         return rows + [rp.summary_row() for rp in self.return_probes]
 

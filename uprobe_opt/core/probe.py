@@ -150,14 +150,26 @@ class Probe:
                 or not self.site.want_optimize:
             return None
         if self.site.refusal is not None:
-            if self.site.kernel_served:
-                return f"int3 (kernel uprobe): {self.site.refusal}"
             return str(self.site.refusal)
         if self.state is ProbeState.INT3:
             if self.site.deferred:
                 return f"deferred: {self.site.deferred}"
             return "optimization pending"
         return None
+
+    @property
+    def served_by(self) -> str | None:
+        """Who handles a hit: ``in-process`` (a jump to a detour with a count/record
+        handler), ``kernel uprobe`` (an int3 site the kernel's uprobe serves),
+        ``tracer`` (a stop per hit: Python handlers, int3 sites on ptrace), or None
+        when the probe is not live."""
+        if self.is_gone or not self.enabled or not (self.site.armed or self.final_state):
+            return None
+        if self.site.kernel_served:
+            return "kernel uprobe"
+        if self.state is ProbeState.OPTIMIZED and self.site.detour_kind != "python":
+            return "in-process"
+        return "tracer"
 
     def __repr__(self) -> str:
         return f"<Probe #{self.id} {self.spec} @{self.addr:#x} {self.state.value}>"
