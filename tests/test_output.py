@@ -351,3 +351,60 @@ def wait_until(cond, timeout: float, what: str) -> None:
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
+
+
+# -- progress bars -------------------------------------------------------------------------
+
+MANY = 600
+
+
+@pytest.fixture(scope="module")
+def many_functions(tmp_path_factory):
+    """A program with MANY small functions, each called once."""
+    from uprobe_opt.testing import build_c
+    src = tmp_path_factory.mktemp("many") / "many.c"
+    body = "".join(f"__attribute__((noipa)) long f{i}(long x) "
+                   f"{{ return x * {i + 3} + (x >> 3) + {i}; }}\n" for i in range(MANY))
+    calls = "".join(f"    s = f{i}(s);\n" for i in range(MANY))
+    src.write_text(f"#include <stdio.h>\n{body}int main(void) {{\n    long s = 1;\n"
+                   f"{calls}    printf(\"s=%ld\\n\", s);\n    return 0;\n}}\n")
+    return build_c(src)
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(many_functions, tmp_path):
+    specs = [f"f{i}" for i in range(MANY)]
+    res = cli("trace", *specs, "--handler", "count", "-o", tmp_path / "out",
+              "--", many_functions)
+    assert res.returncode == 0 and res.stderr == b""
+    assert res.stdout == plain([many_functions])
+    rows = [ln.split() for ln in (tmp_path / "out").read_text().splitlines()[1:-1]]
+    assert len(rows) == MANY and all(r[3] == "1" for r in rows)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed")
+@pytest.mark.parametrize("what", ["trace", "check-reloc"])
+def test_progress_bar_on_a_terminal(many_functions, tmp_path, what):
+    """On a terminal, long work draws a rich progress bar on stderr: everything the
+    pane receives is recorded (pipe-pane) from before the command starts."""
+    if what == "trace":
+        args = ["trace", *[f"f{i}" for i in range(MANY)], "--handler", "count", "-o",
+                tmp_path / "out", "--", many_functions]
+        bar = "uprobe-opt: optimizing"
+    else:
+        args = ["check-reloc", many_functions]
+        bar = f"uprobe-opt: check-reloc {os.path.basename(many_functions)}"
+    tmux = Tmux(f"uprobe-opt-test-{os.getpid()}-{what}", tmp_path)
+    log = tmp_path / "pane.log"
+    try:
+        cmd = " ".join(shlex.quote(str(a)) for a in UPROBE_OPT + args)
+        tmux("new-session", "-d", "-s", "top", "-x", "120", "-y", "30", "-c", str(ROOT),
+             f"sh -c 'read go; {cmd} > {tmp_path}/stdout; echo EXIT=$?'")
+        tmux("pipe-pane", "-t", "top", "-o", f"cat >> {log}")
+        tmux("send-keys", "-t", "top", "go", "Enter")
+        wait_until(lambda: "EXIT=" in tmux.screen(), 120, f"{what} to finish")
+        assert "EXIT=0" in tmux.screen(), tmux.screen()
+        seen = log.read_bytes().decode(errors="replace")
+        assert bar in seen and "━" in seen
+        assert bar not in tmux.screen()                  # transient: gone when done
+    finally:
+        subprocess.run(["tmux", "-L", tmux.sock, "kill-server"], capture_output=True)

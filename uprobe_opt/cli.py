@@ -251,6 +251,7 @@ def _validate(args) -> None:
 def cmd_trace(args, stop) -> int:
     """``uprobe-opt trace``: returns the exit status (README, "Exit status")."""
     from uprobe_opt.output import Output, tell_stderr
+    from uprobe_opt.progress import PhaseProgress
     from uprobe_opt.run import TraceRun, interrupted_status
     _validate(args)
     pre = load_python_handler(args.python) if args.handler == "python" else None
@@ -266,7 +267,8 @@ def cmd_trace(args, stop) -> int:
         with _handler_prints_to(out, enabled=pre is not None):
             run = TraceRun(pid=args.pid, command=args.command or None, stop=stop,
                            optimize=not args.no_optimize, log=out.note,
-                           buffer_size=args.buffer_bytes, on_records=sink)
+                           buffer_size=args.buffer_bytes, on_records=sink,
+                           progress=PhaseProgress())
             sink.probes_of_site = run.tracer.probes_of_site
             run.arm(args.probes, pre, handler=args.handler, nargs=args.args)
             status = Status(run.tracer, enabled=_status_wanted(args, out))

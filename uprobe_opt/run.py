@@ -115,6 +115,7 @@ class TraceRun:
         self.stop = stop
         self.spawned = pid is None
         self.t0 = time.monotonic()
+        self.progress = tracer_kw.get("progress")
         self.tracer = (Tracer.attach(pid, **tracer_kw) if pid is not None
                        else Tracer.spawn(command, **tracer_kw))
         stop.tracer = self.tracer
@@ -171,11 +172,29 @@ class TraceRun:
         self.t0 = time.monotonic()           # the trace proper: armed, target running
         try:
             if not self.tracer.exited and self.stop.reason is None:
-                self.tracer.run(duration=duration, until=until)
+                self.tracer.run(duration=duration, until=self._first_tick(until))
         finally:
+            self.seconds = time.monotonic() - self.t0     # traced, not detaching
+            self.end_progress()
             self.tracer.detach()
-            self.seconds = time.monotonic() - self.t0
             self.end = self._why_ended()
+
+    def _first_tick(self, until):
+        """``until`` for Tracer.run: at its first call (the initial optimization is
+        done, the target runs) the progress bars go, never drawn over its output."""
+        first = [True]
+
+        def tick() -> bool:
+            if first[0]:
+                first[0] = False
+                self.end_progress()
+            return until() if until is not None else False
+        return tick
+
+    def end_progress(self) -> None:
+        bars = getattr(self.progress, "close", None)
+        if bars is not None:
+            bars()
 
     def _why_ended(self) -> RunEnd:
         t = self.tracer

@@ -47,16 +47,20 @@ class Tracer:
     uprobe events, not root) they stay on ptrace.  ``on_records``:
     callable receiving each drained batch of records (a numpy array of
     :data:`uprobe_opt.core.records.HIT_DTYPE`); without it batches accumulate in
-    ``record_batches`` (see :meth:`records`).
+    ``record_batches`` (see :meth:`records`).  ``progress``: callable ``(phase, done,
+    total)`` told of long batches (resolving, checking sites, arming, optimizing), e.g.
+    :class:`uprobe_opt.progress.PhaseProgress`.
     """
 
     def __init__(self, target: Target, *, optimize: bool = True, log: Callable = None,
                  buffer_size: int | None = None, on_records: Callable | None = None,
-                 kernel_uprobes: bool = True):
+                 kernel_uprobes: bool = True, progress: Callable | None = None):
         self.target = target
         self.resolver = SymbolResolver(pid=target.pid)
         self.manager = ProbeManager(target, load_arch(), optimize=optimize, log=log,
                                     kernel_uprobes=kernel_uprobes)
+        if progress is not None:
+            self.manager.progress = progress
         if buffer_size is not None:
             self.manager.records.buffer_bytes = buffer_size
         self.on_records = on_records
@@ -136,8 +140,12 @@ class Tracer:
             raise UsageError(f"nargs must be 0..6, not {nargs}")
         # One spec may name many sites (a glob: ``libc:str*``); site.spec is the spec
         # as given, ``libc:strlen -> __strlen_avx2`` for an IFUNC, LIB:NAME per match.
-        items = [(site, handler, pre_handler, site.spec, optimize)
-                 for spec in specs for site in self.resolver.resolve_all(spec)]
+        specs = list(specs)
+        items = []
+        for i, spec in enumerate(specs):
+            items += [(site, handler, pre_handler, site.spec, optimize)
+                      for site in self.resolver.resolve_all(spec)]
+            self.manager.progress("resolving", i + 1, len(specs))
         return self.manager.register_many(items, nargs=nargs)
 
     def enable(self, probe: Probe) -> None:

@@ -34,6 +34,7 @@ def add_parser(sub) -> None:
 def cmd_top(args, stop) -> int:
     from uprobe_opt.errors import UsageError
     from uprobe_opt.output import Output
+    from uprobe_opt.progress import PhaseProgress
     from uprobe_opt.run import TraceRun
     if not (0.05 <= args.interval < 3600):
         raise UsageError("--interval must be 0.05 s or more")
@@ -44,7 +45,8 @@ def cmd_top(args, stop) -> int:
                          "trace -p PID PROBE... --handler count)")
     notes: list[str] = []
     run = TraceRun(pid=args.pid, command=None, stop=stop, optimize=not args.no_optimize,
-                   log=notes.append, on_records=lambda batch: None)
+                   log=notes.append, on_records=lambda batch: None,
+                   progress=PhaseProgress())
     run.arm(args.probes, None, handler=args.handler, nargs=0)
     view = TopView(run, args.interval)
     with _keys() as keys, view.live():
