@@ -8,6 +8,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -408,3 +409,35 @@ def test_progress_bar_on_a_terminal(many_functions, tmp_path, what):
         assert bar not in tmux.screen()                  # transient: gone when done
     finally:
         subprocess.run(["tmux", "-L", tmux.sock, "kill-server"], capture_output=True)
+
+
+# -- early signals -------------------------------------------------------------------------
+
+def test_sigint_during_start_up_ends_quietly(status_loop):
+    """SIGINT sent at growing delays after the installed command starts, until one
+    lands after the trace began: every earlier one ends the command quietly (128+2
+    from our handler, or the plain SIGINT death of the launcher before Python runs),
+    never a "Fatal Python error" or a traceback, and the target is never touched."""
+    command = os.path.join(os.path.dirname(sys.executable), "uprobe-opt")
+    target = status_loop()
+    before = exec_mappings(target.pid)
+    quiet = []
+    delay = 0.0005
+    while True:
+        p = subprocess.Popen([command, "trace", "-p", str(target.pid), "f", "--handler",
+                              "count"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+        time.sleep(delay)                 # when the signal is sent, not a synchronisation
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+        assert "Fatal" not in err and "Traceback" not in err, (delay, err)
+        if "uprobe-opt: ended: tracer interrupted by SIGINT" in out:
+            assert p.returncode == 0 and err == ""
+            break                         # it had started: the normal Ctrl-C end
+        assert (p.returncode, out, err) in ((130, "", ""), (-signal.SIGINT, "", "")), delay
+        quiet.append(p.returncode)
+        assert tracer_pid(target.pid) == 0 and exec_mappings(target.pid) == before
+        delay *= 1.5
+        assert delay < 60, quiet
+    assert 130 in quiet, quiet            # at least one landed while Python started
+    assert tracer_pid(target.pid) == 0 and exec_mappings(target.pid) == before
