@@ -8,12 +8,12 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from helpers import ROOT, UPROBE_OPT, exec_mappings, tracer_pid, wait_for_line
+from helpers import (ROOT, UPROBE_OPT, UPROBE_OPT_COMMAND, exec_mappings, tracer_pid,
+                     wait_for_line)
 
 STATUS_LOOP = r'''
 #include <poll.h>
@@ -418,13 +418,12 @@ def test_sigint_during_start_up_ends_quietly(status_loop):
     lands after the trace began: every earlier one ends the command quietly (128+2
     from our handler, or the plain SIGINT death of the launcher before Python runs),
     never a "Fatal Python error" or a traceback, and the target is never touched."""
-    command = os.path.join(os.path.dirname(sys.executable), "uprobe-opt")
     target = status_loop()
     before = exec_mappings(target.pid)
     quiet = []
     delay = 0.0005
     while True:
-        p = subprocess.Popen([command, "trace", "-p", str(target.pid), "f", "--handler",
+        p = subprocess.Popen(UPROBE_OPT_COMMAND + ["trace", "-p", str(target.pid), "f", "--handler",
                               "count"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
         time.sleep(delay)                 # when the signal is sent, not a synchronisation
