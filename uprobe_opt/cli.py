@@ -268,6 +268,7 @@ def cmd_trace(args, stop) -> int:
             run = TraceRun(pid=args.pid, command=args.command or None, stop=stop,
                            optimize=not args.no_optimize, log=out.note,
                            buffer_size=args.buffer_bytes, on_records=sink,
+                           kernel_uprobes=not args.no_kernel_uprobes,
                            progress=PhaseProgress())
             sink.probes_of_site = run.tracer.probes_of_site
             run.arm(args.probes, pre, handler=args.handler, nargs=args.args)
