@@ -15,12 +15,14 @@ if ((${#need_pkgs[@]})); then
     echo "uprobe-opt: please install: ${need_pkgs[*]}" >&2; exit 2
   fi
 fi
-# Real programs traced by tests/test_real_programs.py (which skip without them): optional,
-# installed when we can, never fatal.
+# Real programs traced by tests/test_real_programs.py (which skip without them), and tmux:
+# optional, installed when we can, never fatal.
 opt_pkgs=()
 [ -x /usr/bin/python3 ] || opt_pkgs+=(python3)
 [ -x /usr/bin/sqlite3 ] || opt_pkgs+=(sqlite3)
 [ -x /usr/bin/redis-server ] || opt_pkgs+=(redis-server)
+# A real terminal for the `top` test (tests/test_output.py skips without it).
+command -v tmux >/dev/null 2>&1 || opt_pkgs+=(tmux)
 if ((${#opt_pkgs[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \

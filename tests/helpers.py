@@ -10,6 +10,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 UPROBE_OPT = [sys.executable, "-m", "uprobe_opt.cli"]
+# The installed command (bin/uprobe-opt): Python starts with the stop signals blocked,
+# so a signal during the interpreter's own start-up ends it quietly too.
+UPROBE_OPT_COMMAND = [os.path.join(os.path.dirname(sys.executable), "uprobe-opt")]
 
 
 def exec_mappings(pid: int) -> dict[tuple, str]:

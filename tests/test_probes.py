@@ -234,7 +234,8 @@ def test_cli_print_lines_and_child_exit_code(c_target, tmp_path):
     exe = c_target(src)
     res = run_cli("trace", "f", "--no-optimize", "--", exe)
     assert res.returncode == 6                                  # 1+2+3
-    hits = [l for l in res.stdout.splitlines() if l.split()[2:3] == ["f"]]
+    assert res.stdout == ""                      # spawn mode: our lines go to stderr
+    hits = [l for l in res.stderr.splitlines() if l.split()[2:3] == ["f"]]
     assert [int(l.split()[3], 16) for l in hits] == [0, 1, 2]
 
 

@@ -98,7 +98,7 @@ def test_cli_hist_bucket_counts(c_target):
     res = run_cli("trace", "work", "--handler", "record", "--hist", "arg0", "--", exe, "1000")
     assert res.returncode == 0, res.stderr
     rows = {}
-    for line in res.stdout.splitlines():
+    for line in res.stderr.splitlines():          # spawn mode: our output on stderr
         if line.startswith("[") and "|" in line:
             label, count = line.split("|")[0].rsplit(None, 1)
             rows[label.strip()] = int(count)

@@ -383,17 +383,18 @@ def test_cli_latency_hist_and_json(c_target):
     res = run_cli("trace", "nap%return", "--handler", "latency", "--hist", "latency",
                   "--", exe, "nap", "4")
     assert res.returncode == 0, res.stderr
-    assert "@nap%return[latency ns]:" in res.stdout
+    assert res.stdout.startswith("nap(0)=0")       # spawn mode: ours on stderr
+    assert "@nap%return[latency ns]:" in res.stderr
     # 2 ms = 1.91 Mi ns: the [1M, 2M) bucket, or [2M, 4M) for a sleep the loaded
     # machine stretched; 4 calls in all
-    rows = re.findall(r"^\[(\w+), (\w+)\)\s+(\d+) \|@*\s*\|$", res.stdout, re.M)
+    rows = re.findall(r"^\[(\w+), (\w+)\)\s+(\d+) \|@*\s*\|$", res.stderr, re.M)
     assert {lo for lo, _, _ in rows} <= {"1M", "2M"} and sum(int(n) for *_, n in rows) == 4, \
-        res.stdout
+        res.stderr
     assert "nap%return: 4 entries, 4 exits, 4 calls matched, 0 unwound, 0 in flight" \
-        in res.stdout
+        in res.stderr
     res = run_cli("trace", "nap%return", "--handler", "latency", "--json", "--",
                   exe, "nap", "3")
-    events = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    events = [json.loads(line) for line in res.stderr.splitlines() if line.startswith("{")]
     calls = [e for e in events if e["event"] == "call"]
     assert [c["retval"] for c in calls] == [0, 7, 14]
     assert all(2_000_000 <= c["duration_ns"] == c["end_ns"] - c["time_ns"] for c in calls)
@@ -403,6 +404,26 @@ def test_cli_latency_hist_and_json(c_target):
     assert summary["probes"][0]["exits"][0]["kind"] == "ret"
     bad = run_cli("trace", "nap", "--hist", "latency", "--", exe, "nap", "1")
     assert bad.returncode == 2 and "return probe" in bad.stderr
+
+
+def test_cli_record_lines_per_call(c_target, run_plain):
+    """The default handler (record; print is its old name) shows a line per matched
+    call of a return probe, on stderr in spawn mode; -q keeps only the summary."""
+    exe = c_target("retprobe")
+    plain = run_plain([exe, "longjmp", "4"]).stdout
+    for handler in ("record", "print"):
+        res = run_cli("trace", "jumper%return", "--handler", handler, "--", exe, "longjmp", "4")
+        assert res.returncode == 0, res.stderr
+        assert res.stdout == plain                   # the program's stdout untouched
+        calls = re.findall(r"^\s+[\d.]+\s+\d+ jumper%return  = (0x[0-9a-f]+)  [\d.]+ us",
+                           res.stderr, re.M)
+        assert calls == ["0x1", "0x15"], res.stderr
+        assert "jumper%return: 4 entries, 2 exits, 2 calls matched, 2 unwound" in res.stderr
+        assert re.search(r"^uprobe-opt: ended: target exited with status 0 after", res.stderr,
+                         re.M), res.stderr
+    quiet = run_cli("trace", "jumper%return", "-q", "--", exe, "longjmp", "4")
+    assert quiet.returncode == 0 and quiet.stdout == plain
+    assert " us  (" not in quiet.stderr and "2 calls matched" in quiet.stderr, quiet.stderr
 
 
 def test_perfetto_slices_decode(c_target, tmp_path):

@@ -1,18 +1,19 @@
-"""The ``uprobe-opt`` command line: a thin layer over :class:`uprobe_opt.session.Tracer`.
+"""The ``uprobe-opt`` command line: parses, then renders what the session layer
+(:mod:`uprobe_opt.run`, :class:`uprobe_opt.session.Tracer`) did.
 
-Exit status: 0 on success (spawn mode: the traced program's own status, 128+N when it
-was killed by signal N); 2 on bad input (unknown PID, no permission, unknown symbol,
-mid-instruction address, non-executable page, bad option), with one line on stderr and
-no byte of the target changed; 1 on an unexpected internal error.
+Exit status (README, "Exit status"): 0 on success (spawn mode: the traced program's own
+status, 128+N when it was killed by signal N); 2 on bad input (unknown PID, no
+permission, unknown symbol, mid-instruction address, non-executable page, bad option),
+with one line on stderr and no byte of the target changed; 141 when our output pipe
+was closed, 74 on any other write error of our output (after a clean detach); 128+N
+when signal N interrupted the command before it touched a process; 1 on an unexpected
+internal error.
 """
 from __future__ import annotations
 
-import argparse
+# Few imports here: the entry point installs its signal handlers before anything slow.
 import contextlib
-import importlib.util
-import json
 import os
-import signal
 import sys
 import time
 
@@ -21,48 +22,33 @@ from uprobe_opt.errors import ProbeError
 ARG_NAMES = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser():
+    import argparse
     ap = argparse.ArgumentParser(
         prog="uprobe-opt",
         description="Jump-optimized userspace probes for x86-64 Linux processes.")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    tr = sub.add_parser("trace", help="probe a running PID or a command",
-                        usage="uprobe-opt trace [-p PID] PROBE... [options] [-- COMMAND [ARG...]]")
+    tr = sub.add_parser(
+        "trace", help="probe a running PID or a command",
+        usage="uprobe-opt trace [-p PID] PROBE... [options] [-- COMMAND [ARG...]]",
+        description="Our output goes to stdout in attach mode (-p) and to stderr in "
+                    "spawn mode (the program owns stdout), or to -o FILE.")
     tr.add_argument("-p", "--pid", type=int, help="attach to this running process")
     tr.add_argument("probes", nargs="*", metavar="PROBE",
                     help="SYMBOL, SYMBOL+0xOFF, LIB:SYMBOL[+0xOFF] or 0xADDR; "
                          "SYMBOL%%return (or uretprobe:SYMBOL) probes every exit of "
                          "the function")
-    tr.add_argument("--handler", choices=("print", "record", "count", "python", "latency"),
-                    default="print",
-                    help="print (default): a line per hit from in-process records; "
-                         "record: the same, kept for --hist without lines; count: only "
-                         "the summary; python: --python FILE:FUNCTION as "
-                         "pre_handler(probe, regs), one stop per hit; latency: "
-                         "SPEC%%return calls matched with their entries, durations "
-                         "(--hist latency, --json)")
-    tr.add_argument("--python", metavar="FILE:FUNCTION", help="pre_handler for --handler python")
-    tr.add_argument("--args", type=int, default=6, metavar="N",
-                    help="integer argument registers captured per record (0-6, default 6)")
-    tr.add_argument("--hist", metavar="argN",
-                    help="at the end, a log2 histogram of argument N per probe; "
-                         "'latency': of the call durations (ns) per return probe")
-    tr.add_argument("--perfetto", metavar="FILE",
-                    help="write the calls of return probes (slices per thread) and "
-                         "other hits (instant events) as a Perfetto trace")
-    tr.add_argument("--buffer-size", metavar="BYTES", default="8M",
-                    help="record ring buffer size, at most 1G (suffix K, M or G; default "
-                         "8M; records are 80 bytes and their number is rounded down to a "
-                         "power of two: 8M holds 65,536); a full buffer drops records "
-                         "(counted in nmissed)")
+    _add_handler_args(tr)
+    _add_output_args(tr)
     tr.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
-    tr.add_argument("--json", action="store_true", help="JSON lines output")
-    tr.add_argument("-o", "--output", metavar="FILE", help="write our output to FILE")
     tr.add_argument("--no-optimize", action="store_true", help="keep every probe int3")
     tr.add_argument("--no-kernel-uprobes", action="store_true",
                     help="keep int3 sites the optimizer refuses on ptrace instead of "
                          "handing them (count/record handlers) to the kernel's uprobe")
+
+    from uprobe_opt.top import add_parser as add_top
+    add_top(sub)
 
     ex = sub.add_parser("explain", help="show how each probe site would be optimized",
                         usage="uprobe-opt explain [-p PID | BINARY] PROBE... [--json]")
@@ -81,6 +67,46 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _add_handler_args(p) -> None:
+    """The in-process mechanism: what a hit does in the target."""
+    p.add_argument("--handler", choices=("record", "count", "python", "latency", "print"),
+                   default="record",
+                   help="record (default): a record per hit (time, tid, --args "
+                        "arguments) in a ring buffer shared with us; count: a counter "
+                        "only; python: --python FILE:FUNCTION runs as "
+                        "pre_handler(probe, regs), one stop per hit; latency: "
+                        "SPEC%%return calls matched with their entries, durations "
+                        "(--hist latency, --json) (print: old name of record)")
+    p.add_argument("--python", metavar="FILE:FUNCTION", help="pre_handler for --handler python")
+    p.add_argument("--args", type=int, default=6, metavar="N",
+                   help="integer argument registers captured per record (0-6, default 6)")
+    p.add_argument("--buffer-size", metavar="BYTES", default="8M",
+                   help="record ring buffer size, at most 1G (suffix K, M or G; default "
+                        "8M; records are 80 bytes and their number is rounded down to a "
+                        "power of two: 8M holds 65,536); a full buffer drops records "
+                        "(counted in nmissed)")
+
+
+def _add_output_args(p) -> None:
+    """What is shown, and where: independent of the handler."""
+    p.add_argument("--lines", dest="lines", action="store_true", default=None,
+                   help="a line per hit (default with --handler record, unless --hist)")
+    p.add_argument("-q", "--quiet", "--no-lines", dest="lines", action="store_false",
+                   help="no line per hit: only the summary (and --hist)")
+    p.add_argument("--hist", metavar="argN",
+                   help="at the end, a log2 histogram of argument N per probe "
+                        "(bpftrace's hist(); needs --handler record); 'latency': of "
+                        "the call durations (ns) per return probe")
+    p.add_argument("--perfetto", metavar="FILE",
+                   help="write the calls of return probes (slices per thread) and "
+                        "other hits (instant events) as a Perfetto trace")
+    p.add_argument("--json", action="store_true",
+                   help="JSON lines: hit, note, hist and summary events")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="write our output to FILE (default: stdout with -p, stderr in "
+                        "spawn mode)")
+
+
 def _split_command(argv: list[str]) -> tuple[list[str], list[str]]:
     if "--" in argv:
         i = argv.index("--")
@@ -89,155 +115,53 @@ def _split_command(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First of all: from here on SIGINT/SIGTERM/SIGHUP/SIGQUIT only set a flag.  One
+    # that arrives before a process was touched ends the command quietly (128+N).
+    from uprobe_opt.run import StopSignals, interrupted_status
+    stop = StopSignals().install()
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, command = _split_command(argv)
     try:
-        ap = build_parser()
-        args = ap.parse_args(ours)
-        if args.cmd == "trace":
-            args.command = command
-            return cmd_trace(ap, args)
-        if args.cmd == "explain":
-            from uprobe_opt.explain import cmd_explain
-            return cmd_explain(args)
-        if args.cmd == "list":
-            from uprobe_opt.listing import cmd_list
-            return cmd_list(args)
-        if args.cmd == "check-reloc":
-            from uprobe_opt.relocheck import cmd_check_reloc
-            return cmd_check_reloc(args)
-        if args.cmd == "demo":
-            return cmd_demo(args)
+        code = _dispatch(ours, command, stop)
     except ProbeError as e:
         print(f"uprobe-opt: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+        code = 2
+    except KeyboardInterrupt:        # only from a subcommand that restored SIGINT
+        code = 130
+    if stop.signum is not None and stop.tracer is None and code in (0, 1, 2):
+        code = interrupted_status(stop.signum)      # interrupted before it started
+    return code
+
+
+def _dispatch(ours: list[str], command: list[str], stop) -> int:
+    from uprobe_opt.run import interrupted_status
+    ap = build_parser()
+    args = ap.parse_args(ours)
+    if stop.signum is not None:
+        return interrupted_status(stop.signum)
+    if args.cmd == "trace":
+        args.command = command
+        return cmd_trace(args, stop)
+    if args.cmd == "top":
+        from uprobe_opt.top import cmd_top
+        return cmd_top(args, stop)
+    if args.cmd == "explain":
+        from uprobe_opt.explain import cmd_explain
+        return cmd_explain(args)
+    if args.cmd == "list":
+        from uprobe_opt.listing import cmd_list
+        return cmd_list(args)
+    if args.cmd == "check-reloc":
+        from uprobe_opt.relocheck import cmd_check_reloc
+        return cmd_check_reloc(args)
+    if args.cmd == "demo":
+        return cmd_demo(args)
     return 1
-
-
-def _open_output(path: str):
-    """-o FILE for writing; UsageError (exit 2) naming the problem."""
-    from uprobe_opt.errors import UsageError
-    try:
-        return open(path, "w", buffering=1)
-    except OSError as e:
-        raise UsageError(f"-o {path}: {e.strerror}") from None
-
-
-def _reason_cell(row: dict) -> str:
-    reason = row["reason"] or ""
-    if row.get("served_by") == "kernel uprobe":
-        return f"(kernel uprobe) {reason}".rstrip()
-    return reason
-
-
-class Output:
-    """Where our own lines go (stdout, or -o FILE so a spawned program owns stdout)."""
-
-    def __init__(self, path: str | None, as_json: bool):
-        self.file = _open_output(path) if path else sys.stdout
-        self.json = as_json
-        self.t0 = time.monotonic_ns()
-        self.broken = False
-        self.on_broken = lambda: None
-
-    @property
-    def is_tty(self) -> bool:
-        return self.file.isatty()
-
-    def write(self, text: str) -> None:
-        """Write our output; a reader that went away (``| head``) ends the trace
-        cleanly instead of killing us mid-patch: SIGPIPE is ignored by Python, the
-        BrokenPipeError is caught here and ``on_broken`` asks the tracer to stop."""
-        if self.broken:
-            return
-        try:
-            self.file.write(text)
-        except BrokenPipeError:
-            self.broken = True
-            self.on_broken()
-
-    def flush(self) -> None:
-        if not self.broken:
-            try:
-                self.file.flush()
-            except BrokenPipeError:
-                self.broken = True
-                self.on_broken()
-
-    def hit(self, probe, regs) -> None:
-        """A line for one hit seen by a Python pre_handler trap."""
-        self._line(probe.spec, time.monotonic_ns(), regs.tid, regs.args)
-
-    def records(self, batch, tracer, nargs: int) -> None:
-        """Lines for a drained batch of records (one per record and probe)."""
-        specs = {}
-        for site, t, tid, args in zip(batch["site"].tolist(), batch["time_ns"].tolist(),
-                                      batch["tid"].tolist(), batch["args"].tolist()):
-            names = specs.get(site)
-            if names is None:
-                names = specs[site] = [p.spec for p in tracer.probes_of_site(site)]
-            for name in names:
-                self._line(name, t, tid, args[:nargs])
-
-    def _line(self, spec: str, t_ns: int, tid: int, args) -> None:
-        if self.json:
-            self.emit({"event": "hit", "probe": spec, "time_ns": t_ns, "tid": tid,
-                       "args": list(args)})
-        else:
-            text = " ".join(f"{a:#x}" for a in args)
-            self.write(f"{(t_ns - self.t0) / 1e9:12.6f} {tid:>7} {spec}  {text}\n")
-
-    def emit(self, obj: dict) -> None:
-        self.write(json.dumps(obj) + "\n")
-
-    def note(self, msg: str) -> None:
-        if self.json:
-            self.emit({"event": "note", "message": msg})
-        else:
-            self.write(f"uprobe-opt: {msg}\n")
-
-    def summary(self, rows: list[dict]) -> None:
-        """The summary table (text) or its JSON line; a site the kernel's uprobe
-        serves shows "(kernel uprobe)" before its reason."""
-        if self.json:
-            self.emit({"event": "summary", "probes": rows})
-            return
-        head = ("PROBE", "ADDRESS", "STATE", "HITS", "NMISSED", "REASON")
-        table = [head] + [(r["probe"], r["address"], r["state"], str(r["hits"]),
-                           str(r["nmissed"]), _reason_cell(r)) for r in rows]
-        widths = [max(len(row[i]) for row in table) for i in range(5)]
-        for row in table:
-            cells = [row[i].ljust(widths[i]) if i in (0, 1, 2) else row[i].rjust(widths[i])
-                     for i in range(5)]
-            self.write("  ".join(cells + [row[5]]).rstrip() + "\n")
-
-    def status(self, text: str) -> None:
-        self.write("\r" + text.ljust(70))
-        self.flush()
-
-    def end_status(self) -> None:
-        self.write("\r" + " " * 70 + "\r")
-
-    def close(self) -> None:
-        if self.file is not sys.stdout:
-            try:
-                self.file.close()
-            except OSError as e:
-                print(f"uprobe-opt: writing {self.file.name}: {e.strerror}", file=sys.stderr)
-            return
-        self.flush()
-        if self.broken:
-            # Nobody reads stdout any more: point it at /dev/null so the interpreter's
-            # final flush does not raise again at exit.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
 
 
 def load_python_handler(spec: str):
     """FILE:FUNCTION -> callable; raises UsageError naming what is wrong."""
+    import importlib.util
     from uprobe_opt.errors import UsageError
     path, sep, func = spec.rpartition(":")
     if not sep or not path or not func:
@@ -302,12 +226,14 @@ def parse_hist(text: str | None) -> int | None:
     raise UsageError(f"--hist wants arg0..arg5 or latency, not {text!r}")
 
 
-def _validate(ap, args) -> None:
+def _validate(args) -> None:
     from uprobe_opt.errors import UsageError
     if not args.probes:
         raise UsageError("no PROBE given (e.g. `uprobe-opt trace -p PID libc:malloc`)")
     if (args.pid is None) == (not args.command):
         raise UsageError("give exactly one of -p PID or -- COMMAND")
+    if args.handler == "print":
+        args.handler = "record"           # the old name of record-with-lines
     if args.handler == "python" and not args.python:
         raise UsageError("--handler python needs --python FILE:FUNCTION")
     if args.python and args.handler != "python":
@@ -319,8 +245,13 @@ def _validate(ap, args) -> None:
     args.hist_arg = parse_hist(args.hist)
     if args.hist_arg is not None and args.hist_arg >= args.args:
         raise UsageError(f"--hist {args.hist} needs --args {args.hist_arg + 1} or more")
-    if args.hist_arg is not None and args.handler not in ("print", "record"):
-        raise UsageError("--hist needs --handler record or print")
+    if args.hist_arg is not None and args.handler != "record":
+        raise UsageError("--hist needs --handler record (the default)")
+    if args.lines and args.handler == "count":
+        raise UsageError("--lines needs a record per hit: --handler record (the default) "
+                         "or python; count keeps only a counter")
+    if args.lines is None:      # default: a line per hit when records are made for it
+        args.lines = args.handler == "record" and args.hist_arg is None
     _validate_returns(args)
     args.buffer_bytes = parse_size(args.buffer_size)
 
@@ -332,58 +263,159 @@ def _validate_returns(args) -> None:
     returns = any(split_return_spec(p)[1] for p in args.probes)
     if args.hist == "latency" and not returns:
         raise UsageError("--hist latency needs a return probe (SPEC%return)")
-    if args.hist == "latency" and args.handler not in ("print", "record", "latency"):
-        raise UsageError("--hist latency needs --handler latency, record or print")
+    if args.hist == "latency" and args.handler not in ("record", "latency"):
+        raise UsageError("--hist latency needs --handler latency or record")
     if args.handler == "latency" and not returns:
         raise UsageError("--handler latency needs a return probe (SPEC%return)")
 
 
-def cmd_trace(ap, args) -> int:
-    from uprobe_opt.session import Tracer
-    _validate(ap, args)
+def cmd_trace(args, stop) -> int:
+    """``uprobe-opt trace``: returns the exit status (README, "Exit status")."""
+    from uprobe_opt.output import Output, tell_stderr
+    from uprobe_opt.progress import PhaseProgress
+    from uprobe_opt.run import TraceRun, interrupted_status
+    _validate(args)
     pre = load_python_handler(args.python) if args.handler == "python" else None
-    out = Output(args.output, args.json)
+    out = Output(args.output, args.json, stream="stderr" if args.command else "stdout")
+    out.on_error = lambda: stop.request("output", out.error_line())
+    if stop.signum is not None:
+        return interrupted_status(stop.signum)     # nothing touched yet
+    if pre is not None and args.lines:
+        pre = _with_line(pre, out)
     sink = RecordSink(out, args)
-    kw = dict(optimize=not args.no_optimize, log=out.note, buffer_size=args.buffer_bytes,
-              kernel_uprobes=not args.no_kernel_uprobes,
-              on_records=sink)
+    run = None
     try:
-        # From before the attach until the detach has finished, SIGINT/SIGTERM only set
-        # a flag: a KeyboardInterrupt can never escape between two patch writes.
-        with _stop_on_signals() as stop:
-            tracer = (Tracer.attach(args.pid, **kw) if args.pid is not None
-                      else Tracer.spawn(args.command, **kw))
-            sink.tracer = tracer
-            stop.tracer = tracer
-            from uprobe_opt.retout import CallSink
-            sink.calls = CallSink(out, args)
-            tracer.calls.on_call = sink.calls if sink.calls.needed else None
-            out.on_broken = tracer.request_stop
-            code = _trace_session(tracer, args, out, pre, sink)
-        if args.pid is None:
-            code = _spawned_status(tracer)
-        return 128 + signal.SIGPIPE if out.broken else code
+        with _handler_prints_to(out, enabled=pre is not None):
+            run = TraceRun(pid=args.pid, command=args.command or None, stop=stop,
+                           optimize=not args.no_optimize, log=out.note,
+                           buffer_size=args.buffer_bytes, on_records=sink,
+                           kernel_uprobes=not args.no_kernel_uprobes,
+                           progress=PhaseProgress())
+            sink.hook_calls(run.tracer)
+            run.arm(args.probes, pre, handler=args.handler, nargs=args.args)
+            status = Status(run.tracer, enabled=_status_wanted(args, out))
+            out.t0 = time.monotonic_ns()          # hit times are printed from here
+            run.run(duration=args.duration, until=status.tick)
+            status.clear()
+        if out.error is None:
+            _report(out, run, sink, args)
+        if out.error is not None:
+            _report_elsewhere(out, run, sink, args)
+        sink.write_perfetto(run.tracer, args.perfetto)
+        code = run.program_status() if run.spawned else run.arming_death_status()
     finally:
         out.close()
+    if out.error is not None:
+        tell_stderr(out.error_line())
+        return out.error_status()
+    return code
+
+
+def _report_elsewhere(out, run, sink, args) -> None:
+    """Our output failed: the summary goes to stderr, unless that is what failed."""
+    from uprobe_opt.errors import UsageError
+    from uprobe_opt.output import Output
+    if out.name == "<stderr>":
+        return
+    try:
+        fallback = Output(None, args.json, stream="stderr")
+    except UsageError:
+        return
+    _report(fallback, run, sink, args)
+    fallback.close()
+
+
+def _with_line(pre, out):
+    def pre_handler(probe, regs):
+        out.hit(probe, regs)
+        return pre(probe, regs)
+    return pre_handler
+
+
+@contextlib.contextmanager
+def _handler_prints_to(out, enabled: bool):
+    """A --python handler's print() goes where our output goes (never into the
+    spawned program's stdout, which is also ours)."""
+    if not enabled:
+        yield
+        return
+
+    class Stream:
+        def write(self, text):
+            out.write(text)
+            return len(text)
+
+        def flush(self):
+            out.flush()
+    with contextlib.redirect_stdout(Stream()):
+        yield
+
+
+def _status_wanted(args, out) -> bool:
+    """The live hits/s line on stderr: only on a terminal, never over a spawned
+    program's own output nor over our hit lines on the same terminal."""
+    return (sys.stderr.isatty() and not args.command and not args.json
+            and not (args.lines and out.is_tty))
+
+
+def _report(out, run, sink, args) -> None:
+    """After the detach: notes, how the target ended (attach mode), histograms, the
+    return probes' calls and latencies, the summary (a return probe's exits indented
+    under it) with its end line, and a hint when records were dropped."""
+    from uprobe_opt import retout
+    tracer = run.tracer
+    if run.died_while_arming:
+        out.note(f"process {tracer.pid} died while uprobe-opt was arming its probes"
+                 + run.death_cause())
+    for note in tracer.notes:
+        out.note(note)
+    if not run.spawned and run.end.kind in ("exited", "killed"):
+        out.note(f"{run.end.message} (pid {tracer.pid})")
+    for site, hist in sorted(sink.hists.items()):
+        for probe in tracer.probes_of_site(site):
+            out.hist(probe.spec, sink.hist_arg, hist)
+    retout.report(out, tracer, args)
+    rows = tracer.summary()
+    out.summary(rows if out.json else retout.summary_rows(rows), run.end_facts())
+    dropped = sum(r["nmissed"] for r in rows)
+    if dropped and not out.json:
+        out.note(f"{dropped} records dropped (ring buffer full): try a larger --buffer-size")
 
 
 class RecordSink:
-    """Receives drained record batches: prints lines (print), feeds --hist."""
+    """Receives drained record batches: writes a line per record (``--lines``), feeds
+    ``--hist``."""
 
-    def __init__(self, out: Output, args):
+    def __init__(self, out, args):
         self.out = out
-        self.print_lines = args.handler == "print"
+        self.lines = args.lines and args.handler == "record"
         self.nargs = args.args
         self.hist_arg = getattr(args, "hist_arg", None)
         self.hists: dict[int, object] = {}
+        self.probes_of_site = None
+        # The return probes' matched calls (lines, ``call`` JSON events, --perfetto
+        # slices); made before any process is touched: a missing perfetto package is
+        # bad input (exit 2).
+        from uprobe_opt.retout import CallSink
+        self.calls = CallSink(out, args)
         self.tracer = None
-        self.calls = None           # retout.CallSink of the return probes
+
+    def hook_calls(self, tracer) -> None:
+        """Matched calls go to our CallSink; none are built when nothing shows them."""
+        self.tracer = tracer
+        self.probes_of_site = tracer.probes_of_site
+        tracer.calls.on_call = self.calls if self.calls.needed else None
+
+    def write_perfetto(self, tracer, path: str | None) -> None:
+        if self.calls.perfetto is not None and path:
+            self.calls.perfetto.pid = tracer.pid
+            self.calls.perfetto.write(path)
 
     def __call__(self, batch) -> None:
-        if self.calls is not None and self.calls.perfetto is not None:
+        if self.calls.perfetto is not None:
             self.calls.perfetto.add_batch(batch, self.tracer)
-        if self.print_lines:
-            self.out.records(batch, self.tracer, self.nargs)
+        if self.lines:
+            self.out.records(batch, self.probes_of_site, self.nargs)
         if self.hist_arg is not None:
             from uprobe_opt.hist import Log2Hist
             for site in set(batch["site"].tolist()):
@@ -392,10 +424,10 @@ class RecordSink:
 
 
 class Status:
-    """A live status line (hits/s, drops) once a second when output is a terminal."""
+    """A live status line on stderr (hits, hits/s, drops) once a second."""
 
-    def __init__(self, out: Output, tracer, enabled: bool):
-        self.out, self.tracer, self.enabled = out, tracer, enabled
+    def __init__(self, tracer, enabled: bool):
+        self.tracer, self.enabled = tracer, enabled
         self.last_t = time.monotonic()
         self.last_hits = 0
         self.shown = False
@@ -406,188 +438,32 @@ class Status:
             hits = sum(p.nhit for p in self.tracer.probes)
             drops = sum(p.nmissed for p in self.tracer.probes)
             rate = (hits - self.last_hits) / (now - self.last_t)
-            self.out.status(f"uprobe-opt: {hits} hits, {rate:,.0f} hits/s, {drops} dropped")
+            self._show(f"uprobe-opt: {hits} hits, {rate:,.0f} hits/s, {drops} dropped")
             self.last_t, self.last_hits, self.shown = now, hits, True
         return False
 
+    def _show(self, text: str) -> None:
+        try:
+            sys.stderr.write("\r" + text.ljust(70))
+            sys.stderr.flush()
+        except OSError:
+            self.enabled = False
+
     def clear(self) -> None:
         if self.shown:
-            self.out.end_status()
-
-
-def _trace_session(tracer, args, out: Output, pre, sink: RecordSink) -> int:
-    handler = {"print": "print", "record": "record", "count": "count",
-               "python": "python", "latency": "latency"}[args.handler]
-    if handler == "print":        # records printed by the CLI
-        from uprobe_opt.core.calls import split_return_spec
-        if not any(split_return_spec(p)[1] for p in args.probes):
-            handler = "record"
-    try:
-        tracer.add_probes(args.probes, pre, handler=handler, nargs=args.args)
-    except BaseException as exc:
-        if not (isinstance(exc, ProbeError) and _target_died(tracer)):
-            # Bad input: restore what was armed and let the target go as it was.
-            if args.pid is None:
-                tracer.kill()
-            else:
-                tracer.detach()
-            raise
-        # The target died while we armed (read its symbols, ...): report what there is.
-        out.note(f"process {tracer.pid} died while uprobe-opt was arming its probes"
-                 + _death_cause(tracer))
-        died_while_arming = True
-    else:
-        died_while_arming = False
-    status = Status(out, tracer, out.is_tty and not out.json and args.handler != "print")
-    out.t0 = time.monotonic_ns()          # hit times are printed from here
-    try:
-        if not tracer.exited:
-            tracer.run(duration=args.duration, until=status.tick)
-    finally:
-        tracer.detach()                   # whatever happened: every byte restored
-    status.clear()
-    for note in tracer.notes:
-        out.note(note)
-    if sink.hists:
-        _print_hists(out, tracer, sink)
-    from uprobe_opt import retout
-    retout.report(out, tracer, args)
-    if sink.calls is not None and sink.calls.perfetto is not None:
-        sink.calls.perfetto.pid = tracer.pid
-        sink.calls.perfetto.write(args.perfetto)
-    rows = tracer.summary()
-    out.summary(rows if out.json else retout.summary_rows(rows))
-    dropped = sum(r["nmissed"] for r in rows)
-    if dropped and not out.json:
-        out.note(f"{dropped} records dropped (ring buffer full): try a larger --buffer-size")
-    if args.pid is None:
-        return _child_status(tracer)
-    return 1 if died_while_arming and _death_cause(tracer) else 0
-
-
-def _death_cause(tracer) -> str:
-    """': killed by SIGSYS (its seccomp filter) ...' when the target died of a system
-    call it was not allowed (one of ours would be our fault: exit 1), else ''."""
-    st = tracer.exit_status
-    if st is not None and os.WIFSIGNALED(st) and os.WTERMSIG(st) == signal.SIGSYS:
-        return ": killed by SIGSYS (its seccomp filter refused a system call)"
-    return ""
-
-
-def _print_hists(out: Output, tracer, sink: RecordSink) -> None:
-    for site, hist in sorted(sink.hists.items()):
-        for probe in tracer.probes_of_site(site):
-            if out.json:
-                out.emit({"event": "hist", "probe": probe.spec, "arg": sink.hist_arg,
-                          "buckets": hist.buckets()})
-            else:
-                out.write(f"@{probe.spec}[arg{sink.hist_arg}]:\n")
-                out.write(hist.render() + "\n")
-
-
-def _child_status(tracer) -> int:
-    if not tracer.exited:
-        return 0
-    code = tracer.exit_code
-    return 128 - code if code < 0 else code
-
-
-def _target_died(tracer, timeout: float = 2.0) -> bool:
-    """After an error: True when the target is dead (its exit is then reported)."""
-    t0 = time.monotonic()
-    while not tracer.exited and time.monotonic() - t0 < timeout:
-        try:
-            with open(f"/proc/{tracer.pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            state = "X"
-        if state in "ZX":
-            tracer.run(duration=0.05)       # reap it: exited, exit status known
-        elif time.monotonic() - t0 > 0.2:
-            return False                    # alive: the error was something else
-        else:
-            time.sleep(0.005)
-    return tracer.exited
-
-
-def _spawned_status(tracer) -> int:
-    """Spawn mode: our exit status is the program's.  If tracing ended first (an exec,
-    --duration, Ctrl-C, SIGTERM) we have detached and the program runs on untraced: we
-    wait for it, passing SIGINT/SIGTERM on to it, like a shell running it."""
-    if tracer.exited:
-        return _child_status(tracer)
-    pid = tracer.pid
-
-    def forward(signum, frame):
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-    old = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
-    try:
-        _, status = os.waitpid(pid, 0)
-    except ChildProcessError:
-        return 0
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code
-
-
-class _StopRequest:
-    """What the SIGINT/SIGTERM handler knows: the tracer once it exists, and whether a
-    stop was asked for before (during the attach)."""
-
-    def __init__(self):
-        self.requested = False
-        self._tracer = None
-
-    @property
-    def tracer(self):
-        return self._tracer
-
-    @tracer.setter
-    def tracer(self, tracer) -> None:
-        self._tracer = tracer
-        if self.requested:
-            tracer.request_stop()
-
-    def __call__(self, signum, frame) -> None:
-        self.requested = True
-        if self._tracer is not None:
-            self._tracer.request_stop()
-
-
-# Every signal a user or a session manager sends to end a tool: Ctrl-C, kill, a closed
-# terminal or dropped ssh (SIGHUP), Ctrl-\ (SIGQUIT).  Their default actions would end
-# the tracer with the target's code half-patched or int3 sites left in place.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
-
-
-@contextlib.contextmanager
-def _stop_on_signals():
-    """SIGINT/SIGTERM/SIGHUP/SIGQUIT only set a flag: the tracer finishes what it is
-    doing (never half-patched) and detaches cleanly; a second signal changes nothing.
-    Installed before the attach and removed only after the detach."""
-    stop = _StopRequest()
-    old = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
-    try:
-        yield stop
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+            self._show(" " * 70 + "\r")
 
 
 def cmd_demo(args) -> int:
+    from uprobe_opt.output import Output
     from uprobe_opt.session import Tracer
     from uprobe_opt.testing import build_target
     loop = str(build_target("loop"))
-    out = Output(None, args.json)
+    out = Output(None, args.json, stream="stderr")    # the programs own stdout
     out.note(f"demo 1/2: {loop} 10, a line per hit of work(i, x): time, tid, probe, "
              "arguments, recorded in-process by the optimized probe")
     with Tracer.spawn([loop, "10"], log=out.note,
-                      on_records=lambda b: out.records(b, t, 2)) as t:
+                      on_records=lambda b: out.records(b, t.probes_of_site, 2)) as t:
         t.add_probe("work", handler="record", nargs=2)
         out.t0 = time.monotonic_ns()
         t.run()

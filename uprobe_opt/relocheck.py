@@ -843,10 +843,12 @@ def check_file(path: str, *, sites: int | None = None, seed: int = 0, num_states
                all_boundaries: bool = False, builder: Builder | None = None,
                addrs: Iterable[int] | None = None, shard: tuple[int, int] = (0, 1),
                on_mismatch: Callable[[Mismatch], None] | None = None,
-               exits: bool = False) -> FileReport:
+               exits: bool = False,
+               on_progress: Callable[[int, int], None] | None = None) -> FileReport:
     """Check every site of ``path`` (or ``sites`` of them, sampled with ``seed``; or
     only the sites at ``addrs``, link-time addresses).  ``shard=(i, n)`` keeps every
-    n-th site from the i-th: n processes cover the file once (see :meth:`FileReport.merge`)."""
+    n-th site from the i-th: n processes cover the file once (see :meth:`FileReport.merge`).
+    ``on_progress(done, total)`` is told after each site."""
     t0 = time.monotonic()
     image = CodeImage(path)
     funcs = iter_functions(image)
@@ -860,10 +862,13 @@ def check_file(path: str, *, sites: int | None = None, seed: int = 0, num_states
     if sites is not None and sites < len(all_sites):
         all_sites = sorted(random.Random(seed).sample(all_sites, sites), key=lambda s: s.addr)
     report = FileReport(path, functions=len(funcs))
-    for site in all_sites[shard[0]::shard[1]]:
+    mine = all_sites[shard[0]::shard[1]]
+    for i, site in enumerate(mine):
         result = check_site(image, site, seed=seed, num_states=num_states, builder=builder,
                             exit=exits)
         report.add(result)
+        if on_progress:
+            on_progress(i + 1, len(mine))
         for m in result.mismatches:
             if on_mismatch:
                 on_mismatch(m)
@@ -937,12 +942,17 @@ def cmd_check_reloc(args) -> int:
     files = args.files or default_corpus()
     emit = (lambda obj: print(json.dumps(obj), flush=True)) if args.json else None
     bad = 0
+    from uprobe_opt.progress import PhaseProgress
     for path in files:
+        phase = f"check-reloc {os.path.basename(path)}"
         try:
-            report = check_file(path, sites=args.sites, seed=args.seed,
-                                num_states=args.states, all_boundaries=args.all_boundaries,
-                                addrs=args.addr, exits=getattr(args, "exits", False),
-                                on_mismatch=(lambda m: emit(m.to_json())) if emit else None)
+            with PhaseProgress() as bar:       # on stderr, only on a terminal
+                report = check_file(
+                    path, sites=args.sites, seed=args.seed, num_states=args.states,
+                    all_boundaries=args.all_boundaries, addrs=args.addr,
+                    exits=getattr(args, "exits", False),
+                    on_mismatch=(lambda m: emit(m.to_json())) if emit else None,
+                    on_progress=lambda done, total: bar(phase, done, total))
         except SymbolError as e:
             print(f"uprobe-opt: check-reloc: {e}", file=sys.stderr)
             return 2

@@ -16,14 +16,16 @@ def _signed(v: int) -> int:
 
 
 class CallSink:
-    """Receives each matched call (``CallMatcher.on_call``): prints a line (handler
-    ``print``), a ``call`` JSON event (``print`` and ``latency`` with ``--json``), and
-    keeps what ``--perfetto`` needs."""
+    """Receives each matched call (``CallMatcher.on_call``): a line per call (handler
+    ``record`` with its default lines, or ``--lines``), a ``call`` JSON event instead
+    with ``--json`` (and always for ``latency`` with ``--json``), and keeps what
+    ``--perfetto`` needs.  ``args``: the CLI's validated trace arguments."""
 
     def __init__(self, out, args):
         self.out = out
-        self.lines = args.handler == "print"
-        self.json_calls = out.json and args.handler in ("print", LATENCY)
+        lines = bool(getattr(args, "lines", False)) and args.handler in ("record", LATENCY)
+        self.json_calls = out.json and (lines or args.handler == LATENCY)
+        self.lines = lines and not out.json
         self.nargs = min(args.args, 5)
         self.perfetto = None
         if getattr(args, "perfetto", None):

@@ -59,11 +59,14 @@ class Tracer:
     ``record_batches`` (see :meth:`records`).  ``hands_off``: let go of ptrace when no
     probe needs the tracer (default True; False keeps every thread traced until
     detach, e.g. to learn the exit status of a process that is not our child).
+    ``progress``: callable ``(phase, done, total)`` told of long batches (resolving,
+    checking sites, arming, optimizing), e.g. :class:`uprobe_opt.progress.PhaseProgress`.
     """
 
     def __init__(self, target: Target, *, optimize: bool = True, log: Callable = None,
                  buffer_size: int | None = None, on_records: Callable | None = None,
-                 kernel_uprobes: bool = True, hands_off: bool = True):
+                 kernel_uprobes: bool = True, hands_off: bool = True,
+                 progress: Callable | None = None):
         self.target = target
         self.hands_off = hands_off
         self._end_mode: tuple[str, str | None] | None = None
@@ -73,6 +76,8 @@ class Tracer:
         self.resolver = SymbolResolver(pid=target.live_task())
         self.manager = ProbeManager(target, load_arch(), optimize=optimize, log=log,
                                     kernel_uprobes=kernel_uprobes)
+        if progress is not None:
+            self.manager.progress = progress
         if buffer_size is not None:
             self.manager.records.buffer_bytes = buffer_size
         self.on_records = on_records
@@ -209,9 +214,11 @@ class Tracer:
                 raise UsageError("handler 'latency' needs a return probe (SPEC%return)")
             # One spec may name many sites (a glob: ``libc:str*``); site.spec is the spec
             # as given, ``libc:strlen -> __strlen_avx2`` for an IFUNC, LIB:NAME per match.
-            items = [(site, handler, pre_handler, site.spec, optimize)
-                     for spec in specs
-                     for site in self.resolver.resolve_all(split_return_spec(spec)[0])]
+            items = []
+            for i, spec in enumerate(specs):
+                items += [(site, handler, pre_handler, site.spec, optimize)
+                          for site in self.resolver.resolve_all(split_return_spec(spec)[0])]
+                self.manager.progress("resolving", i + 1, len(specs))
             return self.manager.register_many(items, nargs=nargs)
         return self._add_with_returns(specs, pre_handler, handler, optimize, nargs)
 

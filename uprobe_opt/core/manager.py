@@ -67,6 +67,8 @@ class ProbeManager:
         self.landing_pads: Callable = lambda addr, size: ()
         self.rseq_offset: int | None = None
         self.pauses: list[float] = []            # seconds each quiescence point lasted
+        # progress(phase, done, total) during long batches (a bar on a terminal)
+        self.progress: Callable = lambda phase, done, total: None
         self.held: list[tuple[int, bool]] = []   # trap threads handled while all-stopped
         self.exited = False
         self.exec_seen = False
@@ -240,9 +242,13 @@ class ProbeManager:
         # threads (remote mmap), and multi-byte patches (unoptimize) do.
         probes = []
         # Checks and analysis read the target while it runs; one window arms the batch.
-        addrs = [self._check_site(item[0]) for item in items]
+        addrs = []
+        for i, item in enumerate(items):
+            addrs.append(self._check_site(item[0]))
+            self.progress("checking sites", i + 1, len(items))
         news = {}
-        for addr, item in zip(addrs, items):
+        for i, (addr, item) in enumerate(zip(addrs, items)):
+            self.progress("arming", i, len(items))
             if addr not in self.sites and addr not in news:
                 news[addr] = self._new_site(addr, item[0], register=False)
         with self._stopped():
@@ -264,6 +270,7 @@ class ProbeManager:
                 if served:
                     self._probe_enabled(probe)
                 probes.append(probe)
+        self.progress("arming", len(items), len(items))
         return probes
 
     def _check_site(self, resolved) -> int:
@@ -472,7 +479,11 @@ class ProbeManager:
     def _optimize_batch(self, due: list[Site], now: float) -> int:
         # Detours are analysed, built and written into fresh slots while the target
         # runs (nothing can reach a fresh slot yet); only the patch needs quiescence.
-        ready = [s for s in due if self._prepare_detour(s)]
+        ready = []
+        for i, site in enumerate(due):
+            if self._prepare_detour(site):
+                ready.append(site)
+            self.progress("optimizing", i + 1, len(due))
         if not ready:
             return 0
         with self._stopped():

@@ -150,6 +150,20 @@ def _task_state(pid: int, tid: int) -> str:
         return "X"
 
 
+def _zombie_status(pid: int) -> int | None:
+    """The wait status of a zombie not reaped yet: field 52 (``exit_code``, "in the
+    form reported by waitpid(2)", since Linux 3.5) of /proc/PID/stat, man 5 proc;
+    None once it is reaped (or not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if len(fields) < 50 or fields[0] != "Z":
+        return None
+    return int(fields[49])
+
+
 def _list_tasks(pid: int) -> list[int]:
     try:
         return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
@@ -764,8 +778,9 @@ class Target:
 
     def _released_exit(self) -> None:
         """The released process is gone (its pidfd is readable): reap it if it is our
-        child (spawned), else its status is unknown (only a parent or a tracer learns
-        it)."""
+        child (spawned), else read its status from its zombie while its parent has not
+        reaped it yet (:func:`_zombie_status`); else it is unknown (only a parent or a
+        tracer learns it)."""
         status = None
         if self._child:
             try:
@@ -774,6 +789,8 @@ class Target:
                     status = st
             except ChildProcessError:
                 pass
+        else:
+            status = _zombie_status(self.pid)
         self._released = False
         self._process_gone(status)
 
