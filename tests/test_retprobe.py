@@ -261,8 +261,10 @@ def test_latency_of_a_2ms_sleep(c_target, optimize):
     own = [int(d) for d in re.findall(r"ns=(\d+)", out)]
     assert stats(rp)["calls"] == len(rp.durations) == 8
     for ours, theirs in zip(rp.durations, own):
-        # inside the program's own measure around the call, and at least the sleep
-        assert 2_000_000 <= ours <= theirs
+        # inside the program's own measure around the call (up to the error of our
+        # TSC -> CLOCK_MONOTONIC conversion: a few hundred ns were seen on a loaded
+        # machine), and at least the sleep
+        assert 2_000_000 <= ours <= theirs + 10_000
         if optimize:    # int3: the program's measure also holds the tracer's stops
             assert theirs - ours < 1_000_000
     assert abs(float(np.median(rp.durations)) - 2_000_000) < 1_000_000
