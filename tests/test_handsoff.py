@@ -222,6 +222,33 @@ def test_tracer_signal_clean_detach(exe, progs, sig):
     assert code == 0 and text.startswith("done calls=")
 
 
+def test_second_tracer_refuses_to_stack_on_our_jump(exe, progs):
+    """A second uprobe-opt on a function the first one jump-optimized (it is still
+    tracing, hands-off) is refused with exit 2 before touching anything: stacking a
+    detour over another's jump would send the program into pages the first one unmaps
+    when it ends.  The first one then ends cleanly and the target is untouched."""
+    prog = progs(exe, "spin", 2)
+    before = exec_mappings(prog.pid)
+    first = subprocess.Popen(UPROBE_OPT + ["trace", "-p", str(prog.pid), "probed",
+                                           "--handler", "count"], cwd=ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while tracer_pid(prog.pid) != 0 or not _jump_at(prog):
+        assert time.monotonic() < deadline and first.poll() is None, first.stderr.read()
+        time.sleep(0.005)
+    second = subprocess.run(UPROBE_OPT + ["trace", "-p", str(prog.pid), "probed",
+                                          "--handler", "count", "--duration", "1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 2, (second.returncode, second.stderr)
+    assert "another tool patched it" in second.stderr and "Traceback" not in second.stderr
+    first.send_signal(signal.SIGINT)
+    out, err = first.communicate(timeout=30)
+    assert first.returncode == 0 and "optimized" in out, err
+    assert exec_mappings(prog.pid) == before and ours_left(prog.pid) == []
+    code, text = prog.finish()
+    assert code == 0 and text.startswith("done calls=")
+
+
 def _jump_at(prog: Prog) -> bool:
     from helpers import symbol_addr
     addr = symbol_addr(prog.pid, "probed")

@@ -291,7 +291,41 @@ class ProbeManager:
             raise SymbolError(f"{resolved.spec}: a breakpoint not planted by uprobe-opt is "
                               f"already at {addr:#x} (another debugger, or the program's "
                               "own int3)", addr=addr, pid=self.target.pid)
+        if addr not in self.sites:
+            self._check_unpatched(resolved, addr)
         return addr
+
+    def _check_unpatched(self, resolved, addr: int) -> None:
+        """The bytes a jump would cover must be the file's: anything else is another
+        tool's patch (a jump left by a uprobe-opt that was killed, or one still tracing
+        this process, a debugger's breakpoint over a jump).  Stacking our own patch and
+        detour over it would relocate its jump and, once that tool restores or unmaps
+        its pages, send the program into freed memory.  The file is read through
+        /proc/PID/map_files (the exact file mapped there); where that cannot be read
+        the check is skipped."""
+        end = resolved.func_addr + resolved.func_size
+        n = max(1, min(self.arch.jump_size, end - addr))
+        m = next((m for m in self.target.maps() if m.start <= addr < m.end), None)
+        if m is None or not m.inode:
+            return
+        try:
+            fd = os.open(f"/proc/{self.target.pid}/map_files/{m.start:x}-{m.end:x}",
+                         os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            want = os.pread(fd, n, m.offset + addr - m.start)
+        except OSError:
+            return
+        finally:
+            os.close(fd)
+        live = self.recovered(addr, n)          # our own patches nearby are no one else's
+        if len(want) == n and live != want:
+            raise SymbolError(
+                f"{resolved.spec}: the code at {addr:#x} is not the file's ({live.hex()}, "
+                f"file {want.hex()}): another tool patched it (another uprobe-opt, alive or "
+                "killed, or a debugger); refusing to probe over it", addr=addr,
+                pid=self.target.pid)
 
     def _new_site(self, addr: int, resolved, register: bool = True) -> Site:
         n = max(self.arch.jump_size, 16)
