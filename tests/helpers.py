@@ -90,3 +90,17 @@ def text_vs_file(pid: int, path: str) -> list[str]:
                 bad.append(line)
     assert lines, pid
     return bad
+
+
+def kernel_uprobes_unavailable() -> str | None:
+    """Why kernel uprobes through perf (uprobe_opt.target.perf) cannot be used here, or
+    None: the uprobe PMU, else tracefs uprobe_events (mounted on demand)."""
+    from uprobe_opt.target import perf
+    reason = perf.unavailable_reason()
+    if reason is None and perf.tracefs_unavailable() is not None:
+        import kuprobe
+        try:
+            kuprobe.tracefs()
+        except kuprobe.Unavailable as e:
+            reason = str(e)
+    return reason

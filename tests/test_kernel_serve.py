@@ -25,14 +25,8 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel():
-    from uprobe_opt.target import perf
-    reason = perf.unavailable_reason()
-    if reason is None and perf.tracefs_unavailable() is not None:
-        import kuprobe
-        try:
-            kuprobe.tracefs()
-        except kuprobe.Unavailable as e:
-            reason = str(e)
+    from helpers import kernel_uprobes_unavailable
+    reason = kernel_uprobes_unavailable()
     if reason is not None:
         pytest.skip(f"kernel uprobes unavailable: {reason}")
 

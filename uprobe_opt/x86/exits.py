@@ -64,19 +64,27 @@ def _is_got_jump(insn: Insn) -> bool:
     return insn.kind == "jmp_ind" and insn.mem_base == "rip" and "*" not in insn.op_str
 
 
+def _decode_whole(func_code: bytes, func_addr: int, func_size: int, why: str):
+    """The linear sweep of the whole function, or a Refusal (DECODE_ERROR) where it
+    stops early: whatever lies in the undecoded bytes cannot be checked (``why`` ends
+    the message)."""
+    insns = decode(bytes(func_code[:func_size]), func_addr)
+    swept = insns[-1].end if insns else func_addr
+    if swept < func_addr + func_size:
+        return Refusal(Reason.DECODE_ERROR, swept,
+                       f"cannot decode the function past 0x{swept:x}{why}")
+    return insns
+
+
 def find_exits(func_code: bytes, func_addr: int, func_size: int
                ) -> tuple[list[Exit], list[str]] | Refusal:
     """Every exit of the function whose ORIGINAL bytes are ``func_code`` (``func_size``
     of them from ``func_addr``), in address order, plus notes about indirect jumps that
     may leave it.  A Refusal (DECODE_ERROR) when the linear sweep cannot decode the whole
     function: an exit could hide in the undecoded bytes."""
-    code = bytes(func_code[:func_size])
-    insns = decode(code, func_addr)
-    swept = insns[-1].end if insns else func_addr
-    if swept < func_addr + func_size:
-        return Refusal(Reason.DECODE_ERROR, swept,
-                       f"cannot decode the function past 0x{swept:x}: its exits cannot "
-                       "all be found")
+    insns = _decode_whole(func_code, func_addr, func_size, ": its exits cannot all be found")
+    if isinstance(insns, Refusal):
+        return insns
     end = func_addr + func_size
     exits, notes = [], []
     for insn in insns:
@@ -128,13 +136,10 @@ def can_optimize_exit(func_code: bytes, func_addr: int, func_size: int, exit_add
     byte, which is what "no branch lands strictly inside" guarantees: the 1-byte
     ``ret`` right after alignment padding or a branch target gets a refusal here.
     """
-    code = bytes(func_code[:func_size])
-    insns = decode(code, func_addr)
-    swept = insns[-1].end if insns else func_addr
-    if swept < func_addr + func_size:
-        return Refusal(Reason.DECODE_ERROR, swept,
-                       f"cannot decode the function past 0x{swept:x}, so jumps into the "
-                       "region cannot be ruled out")
+    insns = _decode_whole(func_code, func_addr, func_size,
+                          ", so jumps into the region cannot be ruled out")
+    if isinstance(insns, Refusal):
+        return insns
     region = find_exit_region(insns, exit_addr)
     if isinstance(region, Refusal):
         return region
