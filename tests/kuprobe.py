@@ -191,11 +191,14 @@ class KernelUprobes:
         return out
 
     def start(self) -> None:
+        # uprobe_profile counts every hit, enabled or not: read it before the counters
+        # start and after they stop, so its window holds theirs (equal for a quiet
+        # target; a hit from the target's own timer in between counts only there)
+        self._nhit0 = self._profile()
         for fds in self.fds.values():
             for fd in fds:
                 _ioctl(fd, PERF_EVENT_IOC_RESET)
                 _ioctl(fd, PERF_EVENT_IOC_ENABLE)
-        self._nhit0 = self._profile()
 
     def stop(self) -> None:
         for fds in self.fds.values():

@@ -13,6 +13,7 @@ import ctypes
 import hashlib
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -398,6 +399,24 @@ def lc(tmp_path_factory) -> Lc:
     return Lc(str(build_c(src)), str(build_c(src, flags=["-no-pie"])))
 
 
+def _threads_state(pid: int) -> str:
+    """Each thread's state, wchan, signal masks and syscall (for a hang report)."""
+    rows = []
+    for tid in sorted(os.listdir(f"/proc/{pid}/task")):
+        d = f"/proc/{pid}/task/{tid}"
+        try:
+            status = dict(ln.split(":", 1) for ln in open(f"{d}/status").read().splitlines()
+                          if ":" in ln)
+            facts = {k: status[k].strip() for k in ("State", "TracerPid", "SigPnd",
+                                                       "ShdPnd", "SigBlk")}
+            facts["wchan"] = open(f"{d}/wchan").read()
+            facts["syscall"] = open(f"{d}/syscall").read().strip()
+        except OSError as e:
+            facts = {"error": str(e)}
+        rows.append(f"{tid}: {facts}")
+    return "; ".join(rows)
+
+
 class Proc:
     """An untraced child with pipes; stdout read without blocking (never waited for
     while one of our tracers is attached)."""
@@ -436,11 +455,22 @@ class Proc:
         self.p.stdin.flush()
 
     def finish(self, timeout: float = 30.0) -> tuple[int, str]:
-        """Close stdin, wait (no tracer may be attached any more), all output."""
+        """Close stdin, read stdout to its end while the program writes (its last lines
+        may exceed a pipe's 64 KiB), wait (no tracer may be attached any more)."""
         self.p.stdin.close()
-        code = self.p.wait(timeout=timeout)
-        os.set_blocking(self.p.stdout.fileno(), True)
-        self.out += self.p.stdout.read().decode()
+        fd = self.p.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"pid {self.pid} still running: "
+                                     f"{_threads_state(self.pid)}")
+            if select.select([fd], [], [], left)[0]:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                self.out += chunk.decode()
+        code = self.p.wait(timeout=max(deadline - time.monotonic(), 1.0))
         return code, self.out
 
     def kill(self) -> None:

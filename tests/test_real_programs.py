@@ -582,7 +582,12 @@ def redis_oracle():
             k.stop()
             seconds = time.monotonic() - t0
             counts = k.counts()
-            assert k.profile_counts() == counts
+            prof = k.profile_counts()
+        # the timer's reads of /proc/self/stat between the profile reads and the
+        # counters' enable/disable count only in the profile
+        assert {s: prof[s] for s in REDIS_SPECS if s != "libc:read"} == \
+            {s: counts[s] for s in REDIS_SPECS if s != "libc:read"}
+        assert counts["libc:read"] <= prof["libc:read"] <= counts["libc:read"] + 4
         assert replies == _redis_expected()
         return counts, seconds
     finally:
