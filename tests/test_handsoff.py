@@ -222,6 +222,32 @@ def test_tracer_signal_clean_detach(exe, progs, sig):
     assert code == 0 and text.startswith("done calls=")
 
 
+@pytest.mark.parametrize("gap", [0.0, 0.02, 0.05, 0.2])
+def test_second_different_signal_at_the_end(exe, progs, gap):
+    """SIGINT, then SIGTERM ``gap`` s later (an impatient user, a service manager):
+    whether the second lands during the detach, the summary or the interpreter's exit,
+    the end is the first one's: clean detach, summary, exit 0."""
+    prog = progs(exe, "spin", 2)
+    before = exec_mappings(prog.pid)
+    p = subprocess.Popen(UPROBE_OPT + ["trace", "-p", str(prog.pid), "probed",
+                                       "--handler", "count"], cwd=ROOT, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not ours_left(prog.pid) or tracer_pid(prog.pid) != 0 or not _jump_at(prog):
+        assert time.monotonic() < deadline and p.poll() is None, p.stderr.read()
+        time.sleep(0.005)
+    p.send_signal(signal.SIGINT)
+    time.sleep(gap)                             # the gap is the case, not a wait
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0 and "Traceback" not in err, (p.returncode, err)
+    assert "optimized" in out and "tracer interrupted by SIGINT" in out, (out, err)
+    assert exec_mappings(prog.pid) == before and ours_left(prog.pid) == []
+    code, text = prog.finish()
+    assert code == 0 and text.startswith("done calls=")
+
+
 def test_second_tracer_refuses_to_stack_on_our_jump(exe, progs):
     """A second uprobe-opt on a function the first one jump-optimized (it is still
     tracing, hands-off) is refused with exit 2 before touching anything: stacking a

@@ -130,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         code = 130
     if stop.signum is not None and stop.tracer is None and code in (0, 1, 2):
         code = interrupted_status(stop.signum)      # interrupted before it started
+    # The work is done and said: a stop signal from now on (a second Ctrl-C, a SIGTERM
+    # 50 ms after a SIGINT) would meet the default action once the interpreter resets
+    # its handlers at exit and turn our status into 128+N: ignore them from here.
+    stop.hold()
     return code
 
 

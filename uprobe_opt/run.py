@@ -36,6 +36,14 @@ class StopSignals:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         return self
 
+    def hold(self) -> None:
+        """Ignore the stop signals for the rest of the process: the command has
+        finished.  Not a mask: a mask is per thread, and any other thread of ours may
+        take the signal.  Not our handler: the interpreter resets the handlers it
+        installed to SIG_DFL at exit (SIG_IGN it leaves alone)."""
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
     def uninstall(self) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
