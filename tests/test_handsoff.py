@@ -5,6 +5,7 @@ Every test drives real processes; counts are exact (deltas between two pauses of
 target, where it has parked every thread and printed its own call count)."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -14,6 +15,7 @@ import sys
 import textwrap
 import threading
 import time
+import types
 
 import pytest
 
@@ -246,6 +248,57 @@ def test_second_different_signal_at_the_end(exe, progs, gap):
     assert exec_mappings(prog.pid) == before and ours_left(prog.pid) == []
     code, text = prog.finish()
     assert code == 0 and text.startswith("done calls=")
+
+
+def test_spawn_mode_signal_during_the_detach_reaches_the_program(exe):
+    """Spawn mode, SIGINT then SIGTERM 50 ms later: the first ends the trace, the
+    second (whether it lands during the detach or after) is passed on to the program,
+    like a shell's: it dies of SIGTERM and our status says so."""
+    import psutil
+    p = subprocess.Popen(UPROBE_OPT + ["trace", "probed", "--handler", "count", "--",
+                                       exe, "spin", "2"], cwd=ROOT, text=True,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        child = None
+        while child is None or tracer_pid(child.pid) != 0 or not _jump_at(child):
+            assert time.monotonic() < deadline and p.poll() is None, p.stderr.read()
+            kids = psutil.Process(p.pid).children()
+            child = types.SimpleNamespace(pid=kids[0].pid) if kids else None
+            time.sleep(0.005)
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.05)                        # the gap is the case, not a wait
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 128 + signal.SIGTERM, (p.returncode, err)
+    assert "tracer interrupted by SIGINT" in err and "Traceback" not in err, err
+    assert not psutil.pid_exists(child.pid)
+
+
+def test_target_killed_while_hands_off_summary_says_so(exe, progs):
+    """kill -9 of the target while hands-off (no thread traced): the CLI learns it
+    through the pidfd and the summary says how it ended and in which mode."""
+    prog = progs(exe, "spin", 2)
+    p = subprocess.Popen(UPROBE_OPT + ["trace", "-p", str(prog.pid), "probed",
+                                       "--handler", "count", "--json"], cwd=ROOT,
+                         text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not ours_left(prog.pid) or tracer_pid(prog.pid) != 0 or not _jump_at(prog):
+        assert time.monotonic() < deadline and p.poll() is None, p.stderr.read()
+        time.sleep(0.005)
+    prog.p.kill()
+    assert prog.p.wait(timeout=10) == -signal.SIGKILL      # reaped by its parent: us
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0 and "Traceback" not in err, err
+    summary = json.loads(out.splitlines()[-1])
+    assert summary["mode"] == "hands-off" and "mode_reason" not in summary, summary
+    # its status is read from the zombie, unless its parent (this test) reaped it first
+    end = summary["end"]
+    assert (end["reason"], end["signal"]) in (("killed", 9), ("exited", None)), end
 
 
 def test_second_tracer_refuses_to_stack_on_our_jump(exe, progs):

@@ -347,6 +347,29 @@ def test_top_in_a_terminal(status_loop, tmp_path, key, end):
         subprocess.run(["tmux", "-L", tmux.sock, "kill-server"], capture_output=True)
 
 
+def test_top_q_typed_at_once_is_not_lost(status_loop, tmp_path):
+    """A q typed right after Enter, while top still attaches and arms (the terminal
+    is not in cbreak mode yet, or only just): top leaves as soon as it can, cleanly."""
+    target = status_loop()
+    before = exec_mappings(target.pid)
+    tmux = Tmux(f"uprobe-opt-test-{os.getpid()}-early", tmp_path)
+    try:
+        cmd = " ".join(shlex.quote(str(a)) for a in UPROBE_OPT + [
+            "top", "-p", target.pid, "f", "--interval", "0.2"])
+        tmux("new-session", "-d", "-s", "top", "-x", "160", "-y", "40", "-c", str(ROOT),
+             f"sh -c '{cmd}; echo EXIT=$?'")
+        wait_until(lambda: tracer_pid(target.pid) != 0, 60, "top to attach")
+        tmux("send-keys", "-t", "top", "q")
+        wait_until(lambda: "EXIT=" in tmux.screen(), 60, "top to exit")
+        screen = tmux.screen()
+        assert "EXIT=0" in screen and "Traceback" not in screen, screen
+        assert "uprobe-opt: ended: quit after " in screen, screen
+        assert target.poll() is None and tracer_pid(target.pid) == 0
+        assert exec_mappings(target.pid) == before
+    finally:
+        subprocess.run(["tmux", "-L", tmux.sock, "kill-server"], capture_output=True)
+
+
 def wait_until(cond, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not cond():

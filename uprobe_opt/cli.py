@@ -149,18 +149,23 @@ def _dispatch(ours: list[str], command: list[str], stop) -> int:
     if args.cmd == "top":
         from uprobe_opt.top import cmd_top
         return cmd_top(args, stop)
-    if args.cmd == "explain":
-        from uprobe_opt.explain import cmd_explain
-        return cmd_explain(args)
-    if args.cmd == "list":
-        from uprobe_opt.listing import cmd_list
-        return cmd_list(args)
-    if args.cmd == "check-reloc":
-        from uprobe_opt.relocheck import cmd_check_reloc
-        return cmd_check_reloc(args)
+    if args.cmd in ("explain", "list", "check-reloc"):
+        from uprobe_opt.output import run_report
+        return run_report(_report_command(args.cmd), args)
     if args.cmd == "demo":
         return cmd_demo(args)
     return 1
+
+
+def _report_command(name: str):
+    if name == "explain":
+        from uprobe_opt.explain import cmd_explain
+        return cmd_explain
+    if name == "list":
+        from uprobe_opt.listing import cmd_list
+        return cmd_list
+    from uprobe_opt.relocheck import cmd_check_reloc
+    return cmd_check_reloc
 
 
 def load_python_handler(spec: str):

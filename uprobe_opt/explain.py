@@ -105,7 +105,15 @@ def cmd_explain(args) -> int:
         resolver = SymbolResolver(binary=items[0])
         maps, specs = None, items[1:]
     from uprobe_opt.core.calls import split_return_spec
-    for spec in specs:
+    from uprobe_opt.symbols import parse_spec
+    expanded = []
+    for spec in specs:      # a glob (libc:str*) explains each match, as trace probes it
+        if not split_return_spec(spec)[1] and parse_spec(spec).is_glob:
+            # (an IFUNC match reads "libc:strlen -> __strlen_avx2": its name resolves)
+            expanded += [site.spec.split(" -> ")[0] for site in resolver.resolve_all(spec)]
+        else:
+            expanded.append(spec)
+    for spec in expanded:
         if split_return_spec(spec)[1]:
             res = explain_return(resolver, spec, maps)
             if args.json:
@@ -185,8 +193,8 @@ def _explain_exit(arch, code, site, point, entry_addr, pads, maps) -> dict:
     return res
 
 
-def _print_return_text(res: dict, file=sys.stdout) -> None:
-    w = file.write
+def _print_return_text(res: dict, file=None) -> None:
+    w = (file or sys.stdout).write
     n = len(res["exits"])
     w(f"{res['probe']}: {res['symbol']} at {res['address']}, {n} exit{'s' * (n != 1)}\n")
     entry = res["entry"]
@@ -215,8 +223,8 @@ def _print_return_text(res: dict, file=sys.stdout) -> None:
         w("  a tail call ends the call at its jmp (the callee's time is not included)\n")
 
 
-def _print_text(res: dict, file=sys.stdout) -> None:
-    w = file.write
+def _print_text(res: dict, file=None) -> None:
+    w = (file or sys.stdout).write
     w(f"{res['probe']} at {res['address']}"
       + (f" ({res['symbol']})" if res.get("symbol") else "") + "\n")
     if res.get("ifunc"):

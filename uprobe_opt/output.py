@@ -200,3 +200,59 @@ def tell_stderr(line: str) -> None:
         sys.stderr.flush()
     except (OSError, ValueError):
         pass
+
+
+class OutputFailed(Exception):
+    """A write to our standard output failed (``error``: the OSError).  Not an
+    OSError itself, so that no ``except OSError`` on the way takes it for a failure
+    to read a file."""
+
+    def __init__(self, error: OSError):
+        super().__init__(str(error))
+        self.error = error
+
+
+class GuardedStdout:
+    """``sys.stdout`` while a report command (``list``, ``explain``, ``check-reloc``)
+    prints: a failed write or flush raises OutputFailed."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            raise OutputFailed(e) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as e:
+            raise OutputFailed(e) from None
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def run_report(fn, args) -> int:
+    """Run a report command with its stdout guarded: a closed pipe ends it with 141,
+    any other write error (full disk, /dev/full) with one line and 74 (README, "Exit
+    status"); never a traceback."""
+    real = sys.stdout
+    sys.stdout = GuardedStdout(real)
+    try:
+        code = fn(args)
+        sys.stdout.flush()
+        return code
+    except OutputFailed as e:
+        # What is still buffered for fd 1 would fail again at exit: send it nowhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+        if e.error.errno == errno.EPIPE:
+            return EXIT_BROKEN_PIPE
+        tell_stderr(f"writing <stdout>: {e.error.strerror or e.error}")
+        return EXIT_OUTPUT_ERROR
+    finally:
+        sys.stdout = real

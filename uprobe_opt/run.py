@@ -29,6 +29,7 @@ class StopSignals:
         self.detail: str | None = None
         self._tracer = None
         self._old: dict = {}
+        self.later: list[int] = []          # stop signals after the first, in order
 
     def install(self) -> "StopSignals":
         self._old = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
@@ -62,7 +63,14 @@ class StopSignals:
     def _on_signal(self, signum, frame) -> None:
         if self.signum is None:
             self.signum = signum
+        else:
+            self.later.append(signum)
         self.request("signal")
+
+    def take_later(self) -> list[int]:
+        """The stop signals that arrived after the first one, once each."""
+        out, self.later = self.later, []
+        return out
 
     def request(self, reason: str, detail: str | None = None) -> None:
         """End the trace at the tracer's next wake-up (safe from a signal handler)."""
@@ -266,6 +274,10 @@ class TraceRun:
             except ProcessLookupError:
                 pass
         old = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
+        # A signal after the one that ended the trace (it arrived while we detached)
+        # was meant for the program as much as one arriving now.
+        for s in self.stop.take_later():
+            forward(s, None)
         try:
             _, status = os.waitpid(pid, 0)
         except ChildProcessError:

@@ -153,7 +153,7 @@ class Tracer:
     def _mode(self) -> tuple[str, str | None]:
         if self._end_mode is not None:
             return self._end_mode
-        if self.target.released:
+        if self.target.released or self.target.exited_released:
             return ("hands-off", None)
         if not self.hands_off:
             return ("attached", "hands-off disabled (hands_off=False)")

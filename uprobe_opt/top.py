@@ -47,16 +47,17 @@ def cmd_top(args, stop) -> int:
     run = TraceRun(pid=args.pid, command=None, stop=stop, optimize=not args.no_optimize,
                    log=notes.append, on_records=lambda batch: None,
                    progress=PhaseProgress())
-    run.arm(args.probes, None, handler=args.handler, nargs=0)
-    view = TopView(run, args.interval)
-    with _keys() as keys, view.live():
-        def until() -> bool:
-            if keys.pressed("qQ"):
-                stop.request("quit")
-                return True
-            view.tick()
-            return False
-        run.run(duration=args.duration, until=until)
+    with _keys() as keys:                 # from the start: a q typed while arming counts
+        run.arm(args.probes, None, handler=args.handler, nargs=0)
+        view = TopView(run, args.interval)
+        with view.live():
+            def until() -> bool:
+                if keys.pressed("qQ"):
+                    stop.request("quit")
+                    return True
+                view.tick()
+                return False
+            run.run(duration=args.duration, until=until)
     out = Output(None, False, stream="stdout")
     for note in notes + run.tracer.notes:
         out.note(note)
@@ -139,7 +140,9 @@ class _keys:
             import termios
             import tty
             self.saved = termios.tcgetattr(self.fd)
-            tty.setcbreak(self.fd)
+            # TCSANOW, not tty's default TCSAFLUSH: a key typed before (a q pressed
+            # while we started) is kept, not discarded.
+            tty.setcbreak(self.fd, termios.TCSANOW)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -214,11 +214,39 @@ class DetourPool:
             if area.in_reach(addr) and area.next_slot < area.nslots:
                 return area
         with self.stopped():
-            base = find_gap(self.target.maps(), addr, AREA_SIZE)
-            area = DetourArea(self.target, base, self.slot_size)
-            area.map()
+            return self._map_near(addr)
+
+    def _map_near(self, addr: int) -> DetourArea:
+        base = find_gap(self.target.maps(), addr, AREA_SIZE)
+        area = DetourArea(self.target, base, self.slot_size)
+        area.map()
         self.areas.append(area)
         return area
+
+    def ensure_near(self, addrs) -> int:
+        """Map, in one window, every area the slots for ``addrs`` (one slot each;
+        target addresses) will need, so that the slots can then be filled while the
+        target runs.  Returns how many areas were mapped; NoDetourSpace as slot_near."""
+        addrs = list(addrs)
+        if self._unplaced(addrs, map_missing=False) == 0:
+            return 0
+        with self.stopped():
+            return self._unplaced(addrs, map_missing=True)
+
+    def _unplaced(self, addrs: list[int], map_missing: bool) -> int:
+        free = {id(a): a.nslots - a.next_slot for a in self.areas}
+        count = 0
+        for addr in addrs:
+            area = next((a for a in self.areas if a.in_reach(addr) and free[id(a)] > 0),
+                        None)
+            if area is None:
+                count += 1
+                if not map_missing:
+                    continue
+                area = self._map_near(addr)
+                free[id(area)] = area.nslots
+            free[id(area)] -= 1
+        return count
 
     def slot_anywhere(self) -> int:
         """A fresh slot in an area placed by the kernel (for XOL copies, which need

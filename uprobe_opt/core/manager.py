@@ -22,6 +22,7 @@ Patch protocol (the order is the safety argument; see design.md "Quiescence poin
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -251,7 +252,12 @@ class ProbeManager:
             self.progress("arming", i, len(items))
             if addr not in self.sites and addr not in news:
                 news[addr] = self._new_site(addr, item[0], register=False)
-        with self._stopped():
+        # The XOL copies are built and written while the target runs (fresh slots no
+        # thread can reach); only mapping their areas needs a window.
+        self.pool.ensure_near(news)
+        for site in news.values():
+            self._prepare_xol(site)
+        with self._arming_window(addrs):
             for addr, (resolved, handler, pre_handler, spec, optimize) in zip(addrs, items):
                 site = self.sites.get(addr)
                 if site is None:
@@ -272,6 +278,25 @@ class ProbeManager:
                 probes.append(probe)
         self.progress("arming", len(items), len(items))
         return probes
+
+    def _arming_window(self, addrs: list[int]):
+        """The window arming needs, or none.  Writing an int3 over an instruction's
+        first byte is a one-byte store, atomic for instruction fetch (the first step
+        of the kernel's text_poke_bp, and how kernel uprobes install): threads keep
+        running while fresh sites are armed.  A window is needed when the tracer let
+        go (every thread must be traced before an int3 can trap), when a site already
+        exists (its patch may change hands or be unoptimized) and when a new site lies
+        in an optimized region (the region is unoptimized: a multi-byte write)."""
+        if self.target.released or self.target.stopped:
+            return self._stopped()
+        for addr in addrs:
+            if addr in self.sites:
+                return self._stopped()
+            for other in self.sites.values():
+                if other.optimized and other.region is not None and (
+                        self.arch.within(other.region, addr) or other.region.addr == addr):
+                    return self._stopped()
+        return contextlib.nullcontext()
 
     def _check_site(self, resolved) -> int:
         """can_probe: decode from the function start, land exactly on addr; skip endbr64.
@@ -448,17 +473,23 @@ class ProbeManager:
                 other.detour = None     # its relocated copy would skip the new probe
                 other.refusal = f"probe at {site.addr:#x} inside the region"
 
+    def _prepare_xol(self, site: Site) -> None:
+        """Build the site's out-of-line copy and write it into a fresh slot (no thread
+        can reach it yet).  SymbolError when the instruction cannot run out of line."""
+        if site.xol_addr is not None:
+            return
+        try:
+            slot = self.pool.slot_near(site.addr)
+        except NoDetourSpace:
+            slot = self.pool.slot_anywhere()   # XOL returns by absolute jump
+        plan = self.arch.prepare_xol(site.orig, site.addr, slot)
+        if not hasattr(plan, "code"):
+            raise SymbolError(f"cannot probe {site.addr:#x}: {plan}", addr=site.addr)
+        self.target.write(slot, plan.code)
+        site.xol_addr = slot
+
     def _arm(self, site: Site) -> None:
-        if site.xol_addr is None:
-            try:
-                slot = self.pool.slot_near(site.addr)
-            except NoDetourSpace:
-                slot = self.pool.slot_anywhere()   # XOL returns by absolute jump
-            plan = self.arch.prepare_xol(site.orig, site.addr, slot)
-            if not hasattr(plan, "code"):
-                raise SymbolError(f"cannot probe {site.addr:#x}: {plan}", addr=site.addr)
-            self.target.write(slot, plan.code)
-            site.xol_addr = slot
+        self._prepare_xol(site)
         if site.file_id is None:
             site.file_id = self._file_id(site.addr)
         elif not self._verify(site):

@@ -429,6 +429,7 @@ class Target:
         self._closed = False
         self._leader_gone = False          # zombie leader at attach: not traced
         self._released = False             # no thread traced: hands-off (see release)
+        self.exited_released = False       # the process ended while released
         self._child = False                # spawned by us: waitpid works untraced
         self._pidfd: int | None = None     # os.pidfd_open(pid) while released
         self._exec_probe: int | None = None  # a readable address of the mm we know
@@ -792,6 +793,7 @@ class Target:
         else:
             status = _zombie_status(self.pid)
         self._released = False
+        self.exited_released = True
         self._process_gone(status)
 
     def _wait_released(self, timeout: float | None) -> None:
@@ -936,7 +938,7 @@ class Target:
                 return count
             if info is None:
                 return count
-            if info.si_pid not in self._threads:
+            if info.si_pid not in self._threads and not self._adopt(info.si_pid):
                 break
             wpid, status = os.waitpid(info.si_pid, os.WNOHANG | pt.WALL)
             if not wpid:
@@ -944,6 +946,16 @@ class Target:
             self._dispatch(wpid, status)
             count += 1
         return count + self._scan_each()
+
+    def _adopt(self, tid: int) -> bool:
+        """A waitable task we have no record of that is a thread of our process: a
+        clone whose event was lost (its parent killed in the clone stop).  Such a task
+        is traced by us and waits for our waitpid; unreaped, it would keep the whole
+        process a zombie (the leader's exit is reported after its threads')."""
+        if tid == self.pid or not os.path.exists(f"/proc/{self.pid}/task/{tid}"):
+            return False
+        self._threads[tid] = _Thread(tid, self.pid, new=True)
+        return True
 
     def _scan_each(self) -> int:
         """waitpid(tid, WNOHANG|__WALL) for each of our tids, non-leaders first (a
@@ -1020,9 +1032,15 @@ class Target:
         TrapEvent and stays stopped; anything else (kill -TRAP included) is
         re-injected unchanged, at once or on resume if we are keeping threads stopped."""
         if sig == signal.SIGTRAP and self._is_int3(t):
-            t.held = True
-            t.regs = pt.getregs(t.tid)
-            t.trap_rip = t.regs.rip
+            try:
+                regs = pt.getregs(t.tid)
+            except pt.PtraceOSError as exc:
+                if not _esrch(exc):
+                    raise
+                # Killed in its trap stop (SIGKILL, or another thread's execve zapping
+                # the others): its call never runs, and its exit or exec comes next.
+                return
+            t.held, t.regs, t.trap_rip = True, regs, regs.rip
             self._events.append(TrapEvent(t.tid))
         elif self._all_stopped:
             t.sigs.append(sig)
@@ -1064,7 +1082,14 @@ class Target:
     # ------------------------------------------------------------------ clone/fork/exec
     def _on_clone(self, t: _Thread, event: int) -> None:
         child = pt.geteventmsg(t.tid)
-        flags = self._clone_flags(t, event, child)
+        try:
+            flags = self._clone_flags(t, event, child)
+        except OSError as exc:
+            if not _esrch(exc) and exc.errno != errno.EIO:
+                raise
+            # Killed (SIGKILL) in its clone stop: the child exists all the same, traced
+            # by us (auto-attach), and only we can reap it; its Tgid tells what it is.
+            flags = self._flags_of(t, child)
         if flags & CLONE_THREAD:
             self._threads.setdefault(child, _Thread(child, t.proc, new=True))
         elif flags & CLONE_VM:
@@ -1088,6 +1113,11 @@ class Target:
             return int.from_bytes(self._mem.read(regs.rdi, 8), "little")
         if nr == _SYS_FORK:
             return 0
+        return self._flags_of(t, child)
+
+    @staticmethod
+    def _flags_of(t: _Thread, child: int) -> int:
+        """CLONE_THREAD when ``child`` is a thread of ``t``'s process (its Tgid)."""
         st = _read_status(f"/proc/{child}/status")
         return CLONE_THREAD if st and int(st["Tgid"]) == t.proc else 0
 
@@ -1128,6 +1158,9 @@ class Target:
             return
         if former != t.tid:
             self._threads.pop(former, None)      # the exec'ing thread took the pid
+        # Traps queued before the execve belong to threads it killed (or to the old
+        # image): their calls never run, and a tid may now name the exec'ing thread.
+        self._events = [e for e in self._events if not isinstance(e, TrapEvent)]
         self._mem.open()
         self._gadget = None
         self.exec_count += 1               # write fence: see accept_exec()
