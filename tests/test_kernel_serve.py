@@ -71,6 +71,22 @@ def test_refused_count_site_is_served_by_the_kernel(name, spec, k):
     assert tr.summary()[0]["served_by"] == "kernel uprobe"
 
 
+def test_summary_after_detach_keeps_the_refusal():
+    """Detached while the program runs on (the end of a trace by PID): the summary
+    row still says why the site stayed int3 and who served it."""
+    tr, r = _spawn("hz_switch", 2_000_000)
+    with tr:
+        p = tr.add_probe("classify", handler="count")
+        tr.run(until=lambda: p.site.kernel is not None and p.nhit > 0)
+        live = p.reason
+        assert live and live.startswith("indirect jmp at ") and live.endswith("(jump table)")
+        tr.detach()
+        (row,) = tr.summary()
+        assert (row["state"], row["served_by"], row["reason"]) == \
+            ("int3", "kernel uprobe", live)
+    assert _output(r) == _reference("hz_switch", 2_000_000)
+
+
 def test_refused_record_site_records_tid_and_args_exactly():
     k = 20_000
     tr, r = _spawn("hz_short", k)

@@ -463,3 +463,60 @@ def test_sigint_during_start_up_ends_quietly(status_loop):
         assert delay < 60, quiet
     assert 130 in quiet, quiet            # at least one landed while Python started
     assert tracer_pid(target.pid) == 0 and exec_mappings(target.pid) == before
+
+
+# -- report commands and --perfetto: output errors -------------------------------------
+
+@pytest.mark.parametrize("command", [["list", "-p", "{pid}", "libc:str*"],
+                                     ["list", "--json", "-p", "{pid}", "libc:mem*"],
+                                     ["explain", "-p", "{pid}", "libc:str*"],
+                                     ["check-reloc", "{exe}"]])
+def test_report_commands_output_errors(status_loop, c_target, command):
+    """list, explain and check-reloc: into /dev/full one line and 74, into a closed
+    pipe 141; never a traceback; the target (read only) untouched."""
+    target = status_loop()
+    before = exec_mappings(target.pid)
+    argv = [a.format(pid=target.pid, exe=c_target("loop")) for a in command]
+    with open("/dev/full", "w") as full:
+        res = cli(*argv, stdout=full)
+    err = res.stderr.decode()
+    assert res.returncode == 74, err
+    _one_error_line(err, "uprobe-opt: writing <stdout>: No space left on device")
+    r, w = os.pipe()
+    os.close(r)                                   # the reader is gone before the start
+    try:
+        res = cli(*argv, stdout=w)
+    finally:
+        os.close(w)
+    err = res.stderr.decode()
+    assert res.returncode == 141 and "Traceback" not in err, err
+    assert tracer_pid(target.pid) == 0 and exec_mappings(target.pid) == before
+
+
+def test_perfetto_checked_before_anything_is_touched(status_loop):
+    """--perfetto into a directory that does not exist, or with a handler that keeps
+    no record per hit: bad input, exit 2, before the target is touched."""
+    target = status_loop()
+    before = exec_mappings(target.pid)
+    for extra, line in [
+            (["--perfetto", "/nonexistent/dir/x.pf"],
+             "uprobe-opt: --perfetto /nonexistent/dir/x.pf: No such file or directory"),
+            (["--perfetto", "/tmp/x.pf", "--handler", "count"],
+             "uprobe-opt: --perfetto needs --handler record or latency (--handler count "
+             "keeps no record of each hit)")]:
+        res = cli("trace", "-p", target.pid, "f%return", *extra)
+        err = res.stderr.decode()
+        assert res.returncode == 2 and err.splitlines() == [line], err
+    assert tracer_pid(target.pid) == 0 and exec_mappings(target.pid) == before
+
+
+def test_perfetto_write_error_is_an_output_error(c_target):
+    """--perfetto /dev/full: the trace runs, the program's output is its own, then one
+    line and exit 74 (an output error takes precedence over the program's status)."""
+    exe = c_target("loop")
+    res = cli("trace", "work%return", "--handler", "latency", "--perfetto", "/dev/full",
+              "-q", "--", exe, "1000")
+    err = res.stderr.decode()
+    assert res.returncode == 74, err
+    assert res.stdout == plain([exe, "1000"])
+    _one_error_line(err, "uprobe-opt: writing /dev/full: No space left on device")

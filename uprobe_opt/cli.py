@@ -262,7 +262,24 @@ def _validate(args) -> None:
     if args.lines is None:      # default: a line per hit when records are made for it
         args.lines = args.handler == "record" and args.hist_arg is None
     _validate_returns(args)
+    _validate_perfetto(args)
     args.buffer_bytes = parse_size(args.buffer_size)
+
+
+def _validate_perfetto(args) -> None:
+    """--perfetto needs records, and a file we can write: both known before any
+    process is touched (the file is created empty now, written at the end)."""
+    from uprobe_opt.errors import UsageError
+    if not args.perfetto:
+        return
+    if args.handler not in ("record", "latency"):
+        raise UsageError(f"--perfetto needs --handler record or latency (--handler "
+                         f"{args.handler} keeps no record of each hit)")
+    try:
+        with open(args.perfetto, "wb"):
+            pass
+    except OSError as e:
+        raise UsageError(f"--perfetto {args.perfetto}: {e.strerror}") from None
 
 
 def _validate_returns(args) -> None:
@@ -310,13 +327,17 @@ def cmd_trace(args, stop) -> int:
             _report(out, run, sink, args)
         if out.error is not None:
             _report_elsewhere(out, run, sink, args)
-        sink.write_perfetto(run.tracer, args.perfetto)
+        perfetto_error = sink.write_perfetto(run.tracer, args.perfetto)
         code = run.program_status() if run.spawned else run.arming_death_status()
     finally:
         out.close()
     if out.error is not None:
         tell_stderr(out.error_line())
         return out.error_status()
+    if perfetto_error is not None:
+        tell_stderr(perfetto_error)
+        from uprobe_opt.output import EXIT_OUTPUT_ERROR
+        return EXIT_OUTPUT_ERROR
     return code
 
 
@@ -415,10 +436,16 @@ class RecordSink:
         self.probes_of_site = tracer.probes_of_site
         tracer.calls.on_call = self.calls if self.calls.needed else None
 
-    def write_perfetto(self, tracer, path: str | None) -> None:
+    def write_perfetto(self, tracer, path: str | None) -> str | None:
+        """Write the Perfetto trace; the error line when that failed, else None."""
+        from uprobe_opt.output import OutputFailed
         if self.calls.perfetto is not None and path:
             self.calls.perfetto.pid = tracer.pid
-            self.calls.perfetto.write(path)
+            try:
+                self.calls.perfetto.write(path)
+            except OutputFailed as e:
+                return f"writing {path}: {e.error.strerror or e.error}"
+        return None
 
     def __call__(self, batch) -> None:
         if self.calls.perfetto is not None:

@@ -107,4 +107,5 @@ class PerfettoWriter:
             with open(path, "wb") as f:
                 f.write(data)
         except OSError as e:
-            raise UsageError(f"--perfetto {path}: {e.strerror}") from None
+            from uprobe_opt.output import OutputFailed
+            raise OutputFailed(e) from None

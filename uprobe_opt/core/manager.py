@@ -933,8 +933,9 @@ class ProbeManager:
         if self.exited or self.exec_seen:
             return []
         for probe in self.probes:
-            probe.final_state = probe.state          # what it was while attached
-            probe.final_reason = probe.reason
+            # what it was while live (the reason first: once final_state is set,
+            # probe.reason answers final_reason)
+            probe.final_state, probe.final_reason = probe.state, probe.reason
         # Every thread is stopped: the kernel's counts are final.  Its events close on
         # a background thread; our restore writes the original bytes now, so the
         # kernel's own restore (set_orig_insn) finds no int3 and writes nothing.
