@@ -64,6 +64,17 @@ def _kernel(pid: int, specs) -> kuprobe.KernelUprobes:
         pytest.skip(f"kernel uprobe oracle unavailable: {e}")
 
 
+def _profile_holds(profile: dict[str, int], counts: dict[str, int]) -> None:
+    """The oracle checks itself: uprobe_profile's hits hold the perf counters' for
+    every spec.  Not equal in general: the profile counts every hit of the kernel's
+    uprobe at that file offset, whoever's (another tool's uprobe on the same function
+    in another process, the program's own timer between the profile read and the
+    counters' enable), while the counters count only this process's threads."""
+    assert set(profile) == set(counts)
+    short = {s: (profile[s], counts[s]) for s in counts if profile[s] < counts[s]}
+    assert not short, f"uprobe_profile below the perf counters: {short}"
+
+
 def _blocked_reading_stdin(pid: int) -> bool:
     """In read(0, ...) right now (/proc/PID/syscall: number 0, first argument 0)."""
     try:
@@ -203,7 +214,7 @@ def py_oracle(py_script):
             _wait(lambda: wl.round_done(2), what="python3 round")
             k.stop()
             counts = k.counts()
-            assert k.profile_counts() == counts          # perf and uprobe_profile agree
+            _profile_holds(k.profile_counts(), counts)
         assert wl.finish() == 0
         return counts, wl.out.lines[1]
     finally:
@@ -418,7 +429,7 @@ def sqlite_oracle(tmp_path_factory):
             assert run.proc.wait(timeout=60) == 0
             k.stop()
             counts = k.counts()
-            assert k.profile_counts() == counts
+            _profile_holds(k.profile_counts(), counts)
         return counts, run.output()
     finally:
         run.kill()
@@ -582,12 +593,7 @@ def redis_oracle():
             k.stop()
             seconds = time.monotonic() - t0
             counts = k.counts()
-            prof = k.profile_counts()
-        # the timer's reads of /proc/self/stat between the profile reads and the
-        # counters' enable/disable count only in the profile
-        assert {s: prof[s] for s in REDIS_SPECS if s != "libc:read"} == \
-            {s: counts[s] for s in REDIS_SPECS if s != "libc:read"}
-        assert counts["libc:read"] <= prof["libc:read"] <= counts["libc:read"] + 4
+            _profile_holds(k.profile_counts(), counts)
         assert replies == _redis_expected()
         return counts, seconds
     finally:

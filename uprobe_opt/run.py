@@ -29,7 +29,7 @@ class StopSignals:
         self.detail: str | None = None
         self._tracer = None
         self._old: dict = {}
-        self.later: list[int] = []          # stop signals after the first, in order
+        self.later: list[int] = []          # other stop signals after the first
 
     def install(self) -> "StopSignals":
         self._old = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
@@ -63,12 +63,13 @@ class StopSignals:
     def _on_signal(self, signum, frame) -> None:
         if self.signum is None:
             self.signum = signum
-        else:
+        elif signum != self.signum:         # a repeat of the first changes nothing
             self.later.append(signum)
         self.request("signal")
 
     def take_later(self) -> list[int]:
-        """The stop signals that arrived after the first one, once each."""
+        """The stop signals other than the first that arrived after it (a SIGTERM
+        after a SIGINT), in order."""
         out, self.later = self.later, []
         return out
 
@@ -274,8 +275,8 @@ class TraceRun:
             except ProcessLookupError:
                 pass
         old = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
-        # A signal after the one that ended the trace (it arrived while we detached)
-        # was meant for the program as much as one arriving now.
+        # A different signal after the one that ended the trace (it arrived while we
+        # detached) was meant for the program as much as one arriving now.
         for s in self.stop.take_later():
             forward(s, None)
         try:

@@ -237,12 +237,8 @@ class ProbeManager:
                 raise UsageError(f"unknown handler {handler!r} (choose from {HANDLER_KINDS})")
             if handler == "python" and pre_handler is None:
                 raise UsageError("handler 'python' needs a pre_handler callable")
-        # No quiescence needed to arm: a one-byte int3 store is atomic for instruction
-        # fetch (the first step of the kernel's text_poke_bp), and the XOL copy is
-        # written into a fresh slot first.  Only mapping a new detour area stops the
-        # threads (remote mmap), and multi-byte patches (unoptimize) do.
-        probes = []
-        # Checks and analysis read the target while it runs; one window arms the batch.
+        # Checks and analysis read the target while it runs; arming needs a window
+        # only in the cases _arming_window names.
         addrs = []
         for i, item in enumerate(items):
             addrs.append(self._check_site(item[0]))
@@ -257,16 +253,27 @@ class ProbeManager:
         self.pool.ensure_near(news)
         for site in news.values():
             self._prepare_xol(site)
-        with self._arming_window(addrs):
-            for addr, (resolved, handler, pre_handler, spec, optimize) in zip(addrs, items):
-                site = self.sites.get(addr)
-                if site is None:
-                    site = self._register_site(news[addr])
-                probe = Probe(spec or resolved.spec, resolved.addr, site, handler,
-                              pre_handler, resolved.symbol, optimize)
-                probe.nargs = nargs
-                site.probes.append(probe)
-                self.probes.append(probe)
+        window = self._arming_window(addrs)     # decided before the new sites exist
+        made = []
+        for addr, (resolved, handler, pre_handler, spec, optimize) in zip(addrs, items):
+            site = self.sites.get(addr) or self._register_site(news[addr])
+            probe = Probe(spec or resolved.spec, resolved.addr, site, handler,
+                          pre_handler, resolved.symbol, optimize)
+            probe.nargs = nargs
+            site.probes.append(probe)
+            self.probes.append(probe)
+            made.append(probe)
+        if window is None:
+            # Fresh sites, threads running: their detours are analysed and written
+            # now, before any int3, so the int3 stage (when a killed tracer would take
+            # the target with it) lasts only until the optimizer's window.
+            for site in news.values():
+                if site.want_optimize and any(p.want_optimize for p in site.probes):
+                    self._prepare_detour(site, armed=False)
+            window = contextlib.nullcontext()
+        with window:
+            for probe in made:
+                site = probe.site
                 # A kernel-served site may change hands here: the new probe counts from
                 # after the hand-back (every thread stopped), not from before it.
                 served = site.kernel is not None
@@ -275,12 +282,11 @@ class ProbeManager:
                 self._site_changed(site)
                 if served:
                     self._probe_enabled(probe)
-                probes.append(probe)
         self.progress("arming", len(items), len(items))
-        return probes
+        return made
 
     def _arming_window(self, addrs: list[int]):
-        """The window arming needs, or none.  Writing an int3 over an instruction's
+        """The window arming needs, or None when it needs none.  Writing an int3 over an instruction's
         first byte is a one-byte store, atomic for instruction fetch (the first step
         of the kernel's text_poke_bp, and how kernel uprobes install): threads keep
         running while fresh sites are armed.  A window is needed when the tracer let
@@ -296,7 +302,7 @@ class ProbeManager:
                 if other.optimized and other.region is not None and (
                         self.arch.within(other.region, addr) or other.region.addr == addr):
                     return self._stopped()
-        return contextlib.nullcontext()
+        return None
 
     def _check_site(self, resolved) -> int:
         """can_probe: decode from the function start, land exactly on addr; skip endbr64.
@@ -573,11 +579,12 @@ class ProbeManager:
                 done += 1
         return done
 
-    def _prepare_detour(self, site: Site) -> bool:
+    def _prepare_detour(self, site: Site, armed: bool = True) -> bool:
         """Analyse the site and write its detour into a fresh slot (not yet reachable).
-        False when the site stays int3 (site.refusal says why) or nothing is needed."""
+        False when the site stays int3 (site.refusal says why) or nothing is needed.
+        ``armed=False``: for a site about to be armed (its probes are registered)."""
         kind = site.wanted_kind()
-        if kind is None or not site.armed:
+        if kind is None or (armed and not site.armed):
             self._dequeue(site)
             return False
         if site.detour is not None and site.detour_kind == kind:
