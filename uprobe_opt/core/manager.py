@@ -22,6 +22,7 @@ Patch protocol (the order is the safety argument; see design.md "Quiescence poin
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 import signal
@@ -38,6 +39,8 @@ from uprobe_opt.core.regs import GPR_NAMES, Regs
 from uprobe_opt.errors import (ProcessGone, SymbolError, TargetError,
                               UsageError)
 
+MAX_EXIT_LEAD = 64   # bytes an exit's jump may start before its site (the whole
+                     # instructions its jump covers up to the return); checked per site
 STACK_SCAN_LIMIT = 256 * 1024   # bytes of each thread's live stack scanned at quiescence
 RETRY_DELAY = 0.005             # seconds before a deferred site is tried again
 MAX_RETRY_DELAY = 1.0          # seconds between attempts for a long-deferred site
@@ -52,6 +55,7 @@ class ProbeManager:
         from uprobe_opt.core.kernel import KernelService
         self.kernel = KernelService(self, enabled=kernel_uprobes)
         self.sites: dict[int, Site] = {}
+        self._site_addrs: list[int] = []        # sorted keys of sites (recovered())
         self.probes: list[Probe] = []
         self.trap_sites: dict[int, Site] = {}   # detour trap address -> site
         self.site_by_id: list[Site] = []        # Site.id -> site (ring records carry it)
@@ -87,18 +91,22 @@ class ProbeManager:
         original bytes (kernel recover_probed_instruction): analysis never sees them.
         ``skip``: a site whose patch is left as it is."""
         buf = bytearray(self.target.read(addr, size))
-        for site in self.sites.values():
+        end = addr + size
+        # Only sites whose patch can reach into the range: a jump starts at most
+        # MAX_EXIT_LEAD bytes before its site (an exit's region), never after it.
+        first = bisect.bisect_left(self._site_addrs, addr - self.arch.jump_size)
+        last = bisect.bisect_left(self._site_addrs, end + MAX_EXIT_LEAD)
+        for site_addr in self._site_addrs[first:last]:
+            site = self.sites[site_addr]
             if site is skip:
                 continue
-            patches = []
-            if site.armed:
-                patches.append((site.addr, site.orig[:1]))
+            if site.armed and addr <= site.addr < end:
+                buf[site.addr - addr] = site.orig[0]
             if site.optimized:     # the jump: at the site, or before an exit
-                patches.append((site.region.addr, site.region.orig[:self.arch.jump_size]))
-            for at, orig in patches:
-                for i, byte in enumerate(orig):
-                    if addr <= at + i < addr + size:
-                        buf[at + i - addr] = byte
+                at, orig = site.region.addr, site.region.orig[:self.arch.jump_size]
+                lo, hi = max(at, addr), min(at + len(orig), end)
+                if lo < hi:
+                    buf[lo - addr:hi - addr] = orig[lo - at:hi - at]
         return bytes(buf)
 
     def _stopped(self):
@@ -370,6 +378,7 @@ class ProbeManager:
         site.id = len(self.site_by_id)
         self.site_by_id.append(site)
         self.sites[site.addr] = site
+        bisect.insort(self._site_addrs, site.addr)
         return site
 
     def set_record_regs(self, site: Site, regs: tuple) -> None:
@@ -428,7 +437,8 @@ class ProbeManager:
             self._unoptimize(site)
             self._disarm(site)
             if not site.probes:
-                self.sites.pop(site.addr, None)
+                if self.sites.pop(site.addr, None) is not None:
+                    self._site_addrs.remove(site.addr)
                 self._dequeue(site)
             return
         # Collisions first: unoptimizing a region rewrites its tail bytes, which
@@ -603,6 +613,9 @@ class ProbeManager:
                                      others, pads)
         if not hasattr(region, "size"):
             return self._refuse(site, region)
+        if not 0 <= site.addr - region.addr <= MAX_EXIT_LEAD:
+            return self._refuse(site, f"the region starts {site.addr - region.addr} bytes "
+                                      f"before the site (at most {MAX_EXIT_LEAD})")
         clash = self._region_clash(site, region)
         if clash is not None:
             return self._refuse(site, clash)
