@@ -193,3 +193,33 @@ def test_no_kernel_uprobes_keeps_the_site_on_ptrace():
         assert p.nhit == k == p._hits and p.site.kernel is None
         assert tr.tracer_probes() == [p] and tr.kernel_reason
     assert _output(r) == _reference("hz_switch", k)
+
+
+def test_a_kernel_uprobe_placed_over_our_jump_and_removed_before_we_end():
+    """Another tool (bpftrace, perf probe) puts its kernel uprobe on a function we
+    jump-optimized, then removes it: the kernel writes its int3 over our jump's first
+    byte and, on removal, the file's first byte back in front of our jump's tail.  Our
+    end recognises that state and restores the tail: the code is the file's again.
+    (The function is idle meanwhile: a call while the other uprobe's int3 sits over
+    our jump would resume inside our jump's bytes; see the README.)"""
+    import kuprobe
+    from helpers import text_vs_file
+    exe = str(build_target("sleeper"))
+    prog = subprocess.Popen([exe, "0", "100000000"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert prog.stdout.readline().startswith("sleeper: ready pid=")
+        t = Tracer.attach(prog.pid)
+        p = t.add_probe("tick", handler="count")
+        t.optimize(timeout=5)
+        assert p.state is ProbeState.OPTIMIZED
+        site, jump = p.site.addr, bytes(p.site.jump)
+        with kuprobe.KernelUprobes(prog.pid, ["tick"]):
+            assert t.target.read(site, 5) == b"\xcc" + jump[1:5]       # theirs over ours
+        assert t.target.read(site, 5) == bytes(p.site.orig[:1]) + jump[1:5]
+        t.detach()
+        assert text_vs_file(prog.pid, exe) == []
+        assert p.is_gone is False
+    finally:
+        prog.kill()
+        prog.wait(timeout=10)

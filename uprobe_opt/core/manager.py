@@ -150,7 +150,10 @@ class ProbeManager:
         orig = site.orig[:n]
         ours = {orig, bp + orig[1:]}
         if site.jump is not None:
-            ours |= {site.jump[:n], bp + site.jump[1:n]}
+            # ...and the file's first byte before our jump's tail: a kernel uprobe put
+            # on our jump (its int3 over our first byte) and removed again restores
+            # the file's byte, not ours.  Only we can restore the tail.
+            ours |= {site.jump[:n], bp + site.jump[1:n], orig[:1] + site.jump[1:n]}
         if live not in ours:
             return self._site_gone(site, f"the code at {site.addr:#x} was changed by "
                                          f"someone else ({live.hex()}): nothing written")
