@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     # that arrives before a process was touched ends the command quietly (128+N).
     from uprobe_opt.run import StopSignals, interrupted_status
     stop = StopSignals().install()
+    argv_given = argv is not None
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, command = _split_command(argv)
     try:
@@ -133,7 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     # The work is done and said: a stop signal from now on (a second Ctrl-C, a SIGTERM
     # 50 ms after a SIGINT) would meet the default action once the interpreter resets
     # its handlers at exit and turn our status into 128+N: ignore them from here.
-    stop.hold()
+    # Only as the command (argv from sys.argv): a caller of main(argv) in its own
+    # process (tests) gets its handlers back; SIG_IGN would also be inherited by
+    # every program it starts afterwards (a SIGTERM to them would do nothing).
+    if argv_given:
+        stop.uninstall()
+    else:
+        stop.hold()
     return code
 
 
