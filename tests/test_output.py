@@ -370,6 +370,40 @@ def test_top_q_typed_at_once_is_not_lost(status_loop, tmp_path):
         subprocess.run(["tmux", "-L", tmux.sock, "kill-server"], capture_output=True)
 
 
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed")
+def test_top_shows_a_return_probes_exits(status_loop, tmp_path):
+    """top -p PID 'f%return': the return probe's row, then one indented row per exit
+    (as in the summary), each with a TOTAL that grows and equals the entry's."""
+    target = status_loop()
+    tmux = Tmux(f"uprobe-opt-test-{os.getpid()}-ret", tmp_path)
+    try:
+        cmd = " ".join(shlex.quote(str(a)) for a in UPROBE_OPT + [
+            "top", "-p", target.pid, "f%return", "--interval", "0.2"])
+        tmux("new-session", "-d", "-s", "top", "-x", "160", "-y", "40", "-c", str(ROOT),
+             f"sh -c '{cmd}; echo EXIT=$?'")
+
+        def rows() -> dict[str, int]:
+            out = {}
+            for line in tmux.screen().splitlines():
+                cells = [c.strip() for c in line.split("│")]
+                if len(cells) > 6 and cells[1].startswith(("f%return", "ret at f+")):
+                    out[cells[1]] = int(cells[5].replace(",", ""))
+            return out
+        wait_until(lambda: len(rows()) == 2 and min(rows().values()) > 0, 60,
+                   "the return probe's row and its exit's row")
+        (exit_row,) = [k for k in rows() if k.startswith("ret at f+")]
+        tmux("send-keys", "-t", "top", "q")
+        wait_until(lambda: "EXIT=" in tmux.screen(), 60, "top to exit")
+        screen = tmux.screen()
+        assert "EXIT=0" in screen and "Traceback" not in screen, screen
+        lines = screen.splitlines()            # the summary: the same two rows
+        assert any(ln.startswith("f%return ") for ln in lines), screen
+        assert any(ln.startswith(f"  {exit_row} ") for ln in lines), screen
+        assert target.poll() is None and tracer_pid(target.pid) == 0
+    finally:
+        subprocess.run(["tmux", "-L", tmux.sock, "kill-server"], capture_output=True)
+
+
 def wait_until(cond, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not cond():

@@ -136,7 +136,8 @@ class Output:
         self.flush()
 
 
-def _reason_cell(row: dict) -> str:
+def reason_cell(row: dict) -> str:
+    """A summary row's REASON cell (the summary table and `top`)."""
     reason = row["reason"] or ""
     if row.get("served_by") == "kernel uprobe":
         return f"(kernel uprobe) {reason}".rstrip()
@@ -148,7 +149,7 @@ def render_table(rows: list[dict]) -> str:
     before its reason."""
     head = ("PROBE", "ADDRESS", "STATE", "HITS", "NMISSED", "REASON")
     table = [head] + [(r["probe"], r["address"], r["state"], str(r["hits"]),
-                       str(r["nmissed"]), _reason_cell(r)) for r in rows]
+                       str(r["nmissed"]), reason_cell(r)) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(5)]
     lines = []
     for row in table:

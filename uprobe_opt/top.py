@@ -13,6 +13,8 @@ import select
 import sys
 import time
 
+from uprobe_opt.output import reason_cell
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("top", help="live view of probe hit rates in a running process",
@@ -61,9 +63,11 @@ def cmd_top(args, stop) -> int:
     out = Output(None, False, stream="stdout")
     for note in notes + run.tracer.notes:
         out.note(note)
-    out.summary(run.tracer.summary(), run.end_facts())
+    from uprobe_opt.retout import summary_rows
+    out.summary(summary_rows(run.tracer.summary()), run.end_facts())
     out.close()
     return 0 if out.error is None else out.error_status()
+
 
 
 class TopView:
@@ -75,7 +79,7 @@ class TopView:
         self.proc = psutil.Process(run.tracer.pid)
         self.proc.cpu_percent(None)            # starts the CPU measurement window
         self.last_t = time.monotonic()
-        self.last_hits = {id(p): p.nhit for p in run.tracer.probes}
+        self.last_hits = {_key(r): r["hits"] for r in self._rows()}
         self.rates = {k: 0.0 for k in self.last_hits}
         self._live = None
 
@@ -91,10 +95,10 @@ class TopView:
         if now - self.last_t < self.interval:
             return
         dt = now - self.last_t
-        for p in self.run.tracer.probes:
-            n = p.nhit
-            self.rates[id(p)] = (n - self.last_hits.get(id(p), 0)) / dt
-            self.last_hits[id(p)] = n
+        for row in self._rows():
+            k, n = _key(row), row["hits"]
+            self.rates[k] = (n - self.last_hits.get(k, 0)) / dt
+            self.last_hits[k] = n
         self.last_t = now
         self._live.update(self.render(), refresh=True)
 
@@ -120,11 +124,20 @@ class TopView:
                              ("HITS/S", "right"), ("TOTAL", "right"),
                              ("NMISSED", "right"), ("REASON", "left")):
             table.add_column(col, justify=justify, no_wrap=col != "REASON")
-        for p in self.run.tracer.probes:
-            table.add_row(p.spec, f"{p.addr:#x}", p.state.value,
-                          f"{self.rates.get(id(p), 0.0):,.0f}", f"{p.nhit:,}",
-                          f"{p.nmissed:,}", p.reason or "")
+        for row in self._rows():
+            table.add_row(row["probe"], row["address"], row["state"],
+                          f"{self.rates.get(_key(row), 0.0):,.0f}", f"{row['hits']:,}",
+                          f"{row['nmissed']:,}", reason_cell(row))
         return table
+
+    def _rows(self) -> list[dict]:
+        """The summary's rows: each probe, each return probe followed by its exits."""
+        from uprobe_opt.retout import summary_rows
+        return summary_rows(self.run.tracer.summary())
+
+
+def _key(row: dict) -> tuple[str, str]:
+    return row["probe"], row["address"]
 
 
 class _keys:
