@@ -21,6 +21,9 @@ opt_pkgs=()
 [ -x /usr/bin/python3 ] || opt_pkgs+=(python3)
 [ -x /usr/bin/sqlite3 ] || opt_pkgs+=(sqlite3)
 [ -x /usr/bin/redis-server ] || opt_pkgs+=(redis-server)
+# <sys/sdt.h> for the USDT target (tests/test_usdt.py skips its C half without it).
+[ -f /usr/include/x86_64-linux-gnu/sys/sdt.h ] || [ -f /usr/include/sys/sdt.h ] ||
+  opt_pkgs+=(systemtap-sdt-dev)
 # A real terminal for the `top` test (tests/test_output.py skips without it).
 command -v tmux >/dev/null 2>&1 || opt_pkgs+=(tmux)
 if ((${#opt_pkgs[@]})); then

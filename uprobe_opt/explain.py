@@ -52,6 +52,8 @@ def analyse_site(resolver: SymbolResolver, site, spec: str, maps=None) -> dict:
     if addr == site.func_addr:
         addr = arch.adjust_addr(code, site.func_addr, addr)
     out["patched_address"] = f"{addr:#x}"
+    if site.usdt is not None:
+        return _usdt_verdict(out, site.usdt)
     pads = resolver.landing_pads(site.func_addr, site.func_size)
     if pads is None:
         out["reason"] = "exception tables of the function could not be read"
@@ -73,6 +75,16 @@ def analyse_site(resolver: SymbolResolver, site, spec: str, maps=None) -> dict:
         return out
     out["relocated"] = [{"insn": str(i), "relocated": text} for i, text in detour.relocated]
     out["optimizable"] = True
+    return out
+
+
+def _usdt_verdict(out: dict, usdt) -> dict:
+    """A USDT marker is never jump-optimized (core.probe.USDT_REFUSAL)."""
+    from uprobe_opt.core.probe import USDT_REFUSAL
+    out["usdt"] = {"provider": usdt.provider, "name": usdt.name,
+                   "semaphore": f"{usdt.semaphore:#x}" if usdt.semaphore else None,
+                   "args": usdt.args_text, "args_error": usdt.args_error}
+    out["reason"] = USDT_REFUSAL
     return out
 
 

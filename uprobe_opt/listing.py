@@ -56,12 +56,16 @@ def cmd_list(args) -> int:
         for r in rows:
             w(json.dumps({"event": "list", "probe": r["probe"], "address": r["address"],
                           "size": r["size"], "optimizable": r["optimizable"],
-                          "reason": r["reason"]}) + "\n")
+                          "reason": r["reason"],
+                          **({"usdt": r["usdt"]} if "usdt" in r else {})}) + "\n")
         return 0
     width = max([len(r["probe"]) for r in rows] + [5])
     w(f"{'ADDRESS':<18}  {'SIZE':>6}  {'PROBE':<{width}}  WOULD GET\n")
     for r in rows:
         verdict = "optimized" if r["optimizable"] else f"int3: {r['reason']}"
+        if "usdt" in r:
+            u = r["usdt"]
+            verdict += f"; semaphore {u['semaphore'] or 'none'}; args {u['args'] or 'none'}"
         w(f"{r['address']:<18}  {r['size'] or '?':>6}  {r['probe']:<{width}}  {verdict}\n")
     n_opt = sum(r["optimizable"] for r in rows)
     w(f"{len(rows)} sites: {n_opt} optimizable, {len(rows) - n_opt} int3\n")

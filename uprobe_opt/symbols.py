@@ -6,6 +6,7 @@ Spec forms (see :func:`parse_spec`)::
     SYMBOL+OFF           work+0x4, work+16
     LIB:SYMBOL[+OFF]     libc:getpid, libc.so.6:getpid, /lib/x86_64-linux-gnu/libc.so.6:getpid
     0xADDR               0x555555555139   (absolute, in the target's address space)
+    usdt:[LIB:]PROVIDER:NAME   usdt:python:function__entry (a USDT marker, uprobe_opt.usdt)
 
 Two modes:
 
@@ -59,7 +60,8 @@ __all__ = ["ProbeSpec", "Site", "LoadedObject", "SymbolResolver", "parse_spec",
 
 SPEC_FORMS = ("SYMBOL, SYMBOL+0xOFF (or +DEC), LIB:SYMBOL[+0xOFF] (LIB = path, basename "
               "like libc.so.6, or unique prefix like libc), SYMBOL@VER / SYMBOL@@VER, "
-              "[LIB:]GLOB (libc:str*, one probe per matching function), 0xADDR")
+              "[LIB:]GLOB (libc:str*, one probe per matching function), 0xADDR, "
+              "usdt:[LIB:]PROVIDER:NAME (a USDT marker; globs too)")
 
 # ---------------------------------------------------------------------------------------
 # Spec parsing
@@ -80,6 +82,8 @@ class ProbeSpec:
     symbol: str | None = None
     offset: int = 0
     addr: int | None = None
+    usdt: bool = False              # a USDT marker: ``symbol`` is its name
+    provider: str | None = None     # the marker's provider (None: any)
 
     @property
     def is_glob(self) -> bool:
@@ -87,6 +91,9 @@ class ProbeSpec:
         return self.symbol is not None and any(c in self.symbol for c in "*?[")
 
     def __str__(self) -> str:
+        if self.usdt:
+            return ":".join(["usdt"] + [p for p in (self.lib, self.provider) if p]
+                            + [str(self.symbol)])
         if self.addr is not None:
             return f"{self.addr:#x}"
         text = f"{self.lib}:{self.symbol}" if self.lib else str(self.symbol)
@@ -100,12 +107,45 @@ def parse_spec(spec: str) -> ProbeSpec:
         raise SymbolError(f"empty probe spec; accepted forms: {SPEC_FORMS}")
     if _ADDR_RE.fullmatch(text):
         return ProbeSpec(addr=int(text, 16))
+    if text.startswith("usdt:"):
+        return _parse_usdt(spec, text[5:])
     m = _SYM_RE.fullmatch(text)
     if not m or (m.group("off") and any(c in m.group("sym") for c in "*?[")):
         raise SymbolError(f"bad probe spec {spec!r}; accepted forms: {SPEC_FORMS}")
     off = m.group("off")
     return ProbeSpec(lib=m.group("lib"), symbol=m.group("sym"),
                      offset=int(off, 0) if off else 0)
+
+
+_USDT_PART = re.compile(r"[\w.$*?\[\]!-]+")
+
+
+def _parse_usdt(spec: str, rest: str) -> ProbeSpec:
+    """``usdt:NAME``, ``usdt:PROVIDER:NAME``, ``usdt:LIB:PROVIDER:NAME`` (bpftrace's
+    forms; LIB as for symbols, a path may hold no ``:``)."""
+    parts = rest.split(":")
+    if not 1 <= len(parts) <= 3 or not all(_USDT_PART.fullmatch(p) for p in parts[-2:]) \
+            or not all(parts):
+        raise SymbolError(f"bad USDT spec {spec!r}; accepted forms: usdt:PROVIDER:NAME, "
+                          "usdt:LIB:PROVIDER:NAME, usdt:NAME")
+    lib = parts[0] if len(parts) == 3 else None
+    provider = parts[-2] if len(parts) >= 2 else None
+    return ProbeSpec(lib=lib, symbol=parts[-1], usdt=True, provider=provider)
+
+
+@dataclass(frozen=True)
+class UsdtSite:
+    """What a USDT marker adds to its Site: ``provider``/``name``; ``semaphore`` the
+    absolute address of its u16 semaphore (0: none; the link-time one in binary
+    mode); ``args`` its decoded argument descriptors (uprobe_opt.x86.sdtargs, symbols
+    bound), ``args_text`` the note's string, ``args_error`` why they could not be
+    decoded (then ``args`` is empty)."""
+    provider: str
+    name: str
+    semaphore: int
+    args: tuple = ()
+    args_text: str = ""
+    args_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +165,7 @@ class Site:
     is_ifunc: bool = False  # the symbol is a GNU IFUNC: this is its *resolver*, run once
     ifunc: str | None = None  # this is the implementation the process runs for IFUNC ``ifunc``
     ifunc_how: str | None = None  # how that implementation was learnt (slot, emulation)
+    usdt: UsdtSite | None = None  # the site is this USDT marker
 
 
 # ---------------------------------------------------------------------------------------
@@ -238,6 +279,7 @@ class _ElfData:
         self._relocs: tuple[dict, dict] | None = None
         self._branches = None
         self._fdes: list[tuple[int, int]] | None = None
+        self._markers = None
         with opener() as f:
             try:
                 elf = ELFFile(f)
@@ -356,6 +398,17 @@ class _ElfData:
             except OSError:
                 return []
         return self._fdes
+
+    def markers(self) -> list:
+        """The file's USDT markers (uprobe_opt.usdt.Marker, link-time), read once."""
+        if self._markers is None:
+            from uprobe_opt import usdt
+            try:
+                with self._opener() as f:
+                    self._markers = usdt.read_markers(f, self.sections)
+            except (OSError, ValueError, struct.error):
+                return []
+        return self._markers
 
     def all_names(self) -> list[str]:
         return list(self.primary().by_name) + list(self.secondary().by_name)
@@ -684,6 +737,12 @@ class SymbolResolver:
         addresses that are not executable."""
         ps = spec if isinstance(spec, ProbeSpec) else parse_spec(spec)
         text = str(spec)
+        if ps.usdt:
+            sites = self._resolve_usdt(ps)
+            if len(sites) > 1:
+                raise SymbolError(f"{text} names {len(sites)} marker sites ("
+                                  + ", ".join(s.spec for s in sites) + ")", pid=self.pid)
+            return sites[0]
         if ps.addr is not None:
             return self._resolve_addr(ps.addr, text)
         obj, sym = self._lookup(ps)
@@ -710,6 +769,8 @@ class SymbolResolver:
         becomes its implementation in a process).  Each Site's ``spec`` is
         ``LIB:NAME`` (LIB as given).  SymbolError when nothing matches."""
         ps = spec if isinstance(spec, ProbeSpec) else parse_spec(spec)
+        if ps.usdt:
+            return self._warmed(self._resolve_usdt(ps))
         if not ps.is_glob:
             return self._warmed([self.resolve(ps)])
         objs = [self._objects_for_lib(ps.lib)] if ps.lib else list(self.iter_libraries())
@@ -728,6 +789,57 @@ class SymbolResolver:
             where = ", ".join(o.path for o in objs)
             raise SymbolError(f"no function matches {str(ps)!r} in {where}", pid=self.pid)
         return self._warmed([sites[a] for a in sorted(sites)])
+
+    def _resolve_usdt(self, ps: ProbeSpec) -> list[Site]:
+        """One Site per location of every USDT marker ``ps`` matches (without LIB in
+        every loaded object, in search order).  The site's ``spec`` is
+        ``usdt:[LIB:]PROVIDER:NAME`` (LIB as given), with ``#N`` for the N-th
+        location when a marker has several.  SymbolError when nothing matches."""
+        from uprobe_opt import usdt
+        objs = [self._objects_for_lib(ps.lib)] if ps.lib else list(self.iter_libraries())
+        out: list[Site] = []
+        for obj in objs:
+            if obj.elf is None:
+                continue
+            found = usdt.match_markers(obj.elf.markers(), ps.provider, ps.symbol)
+            seen: dict[str, int] = {}
+            for m in found:
+                seen[m.qualname] = seen.get(m.qualname, 0) + 1
+            nth: dict[str, int] = {}
+            for m in found:
+                nth[m.qualname] = nth.get(m.qualname, 0) + 1
+                text = ":".join(["usdt"] + ([ps.lib] if ps.lib else []) + [m.qualname])
+                if seen[m.qualname] > 1:
+                    text += f"#{nth[m.qualname]}"
+                out.append(self._usdt_site(obj, m, text))
+        if not out:
+            where = ", ".join(o.path for o in objs)
+            listed = sorted({m.qualname for o in objs if o.elf is not None
+                             for m in o.elf.markers()})
+            more = f"; markers there: {', '.join(listed)}" if listed else \
+                " (no .note.stapsdt markers there)"
+            raise SymbolError(f"no USDT marker matches {str(ps)!r} in {where}{more}",
+                              candidates=listed, pid=self.pid)
+        return out
+
+    def _usdt_site(self, obj: LoadedObject, marker, text: str) -> Site:
+        from uprobe_opt.x86 import sdtargs
+        site = self._resolve_addr(obj.bias + marker.pc, text)
+        try:
+            args = tuple(a.bind(lambda name: self._usdt_symbol(obj, name))
+                         for a in sdtargs.parse_args(marker.args))
+            err = None
+        except sdtargs.SdtArgError as e:
+            args, err = (), str(e)
+        info = UsdtSite(marker.provider, marker.name,
+                        obj.bias + marker.semaphore if marker.semaphore else 0,
+                        args, marker.args, err)
+        return dataclasses.replace(site, usdt=info)
+
+    @staticmethod
+    def _usdt_symbol(obj: LoadedObject, name: str) -> int | None:
+        syms = obj.elf.lookup(name) if obj.elf is not None else []
+        return obj.bias + syms[0].value if syms else None
 
     def _warmed(self, sites: list[Site]) -> list[Site]:
         """``sites``, after building (or loading from disk) the branch index of each

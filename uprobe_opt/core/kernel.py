@@ -53,6 +53,10 @@ class KernelService:
             # A return probe's entry or exit: its records carry rsp (and the return
             # value) for call matching, which the kernel's samples do not.
             return "a return probe's records need rsp and the return value"
+        if site.usdt is not None and site.usdt.args and site.wanted_kind() == "record":
+            # Its arguments may live in memory at the marker (-4@-20(%rbp)): the
+            # tracer reads them at the hit; the kernel's samples carry registers.
+            return "USDT arguments are read by the tracer"
         return None
 
     # -- hand-over ---------------------------------------------------------------------

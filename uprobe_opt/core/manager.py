@@ -34,7 +34,7 @@ import traceback
 from typing import Callable
 
 from uprobe_opt.core.detour import DetourPool, NoDetourSpace
-from uprobe_opt.core.probe import HANDLER_KINDS, Probe, Site, site_counts
+from uprobe_opt.core.probe import HANDLER_KINDS, USDT_REFUSAL, Probe, Site, site_counts
 from uprobe_opt.core.regs import GPR_NAMES, Regs
 from uprobe_opt.errors import (ProcessGone, SymbolError, TargetError,
                               UsageError)
@@ -61,6 +61,8 @@ class ProbeManager:
         self.site_by_id: list[Site] = []        # Site.id -> site (ring records carry it)
         from uprobe_opt.core.records import Records
         self.records = Records(self)
+        from uprobe_opt.core.semaphores import Semaphores
+        self.semaphores = Semaphores(target, self._file_id)   # USDT semaphores held
         self.former_sites: set[int] = set()    # addresses we once patched
         self.original: dict[int, bytes] = {}   # their original bytes (jump size)
         self.optimizing: list[Site] = []        # the kernel's optimizing_list
@@ -375,6 +377,7 @@ class ProbeManager:
         orig = self.recovered(addr, max(1, min(n, end - addr)))
         site = Site(addr, orig, resolved.func_addr, resolved.func_size,
                     want_optimize=self.optimize_enabled)
+        site.usdt = getattr(resolved, "usdt", None)
         return self._register_site(site) if register else site
 
     def _register_site(self, site: Site) -> Site:
@@ -434,6 +437,7 @@ class ProbeManager:
         if site.gone:
             return
         kind = site.wanted_kind()
+        self._usdt_semaphore(site, live=kind is not None)
         if site.kernel is not None and kind != site.kernel_kind:
             self._take_back(site)
         if kind is None:
@@ -454,6 +458,19 @@ class ProbeManager:
         if (not site.optimized and site.want_optimize
                 and any(p.want_optimize for p in site.enabled_probes())):
             self._enqueue(site)
+
+    def _usdt_semaphore(self, site: Site, live: bool) -> None:
+        """A USDT marker's semaphore counts one more tracer while the site has an
+        enabled probe (the program runs the marker's guarded code only then)."""
+        sem = site.usdt.semaphore if site.usdt is not None else 0
+        if not sem or self.exec_seen or self.exited:
+            return
+        if live:
+            note = self.semaphores.acquire(sem, site.id)
+            if note is not None:
+                self.log(f"usdt:{site.usdt.provider}:{site.usdt.name}: {note}")
+        else:
+            self.semaphores.release(sem, site.id)
 
     def _take_back(self, site: Site) -> None:
         """A kernel-served site goes back to ptrace (a Python handler, a record probe on
@@ -600,6 +617,8 @@ class ProbeManager:
         if kind is None or (armed and not site.armed):
             self._dequeue(site)
             return False
+        if site.usdt is not None:
+            return self._refuse(site, USDT_REFUSAL)
         if site.detour is not None and site.detour_kind == kind:
             return True
         func_code = self.recovered(site.func_addr, site.func_size)
@@ -934,6 +953,7 @@ class ProbeManager:
         """The address space is gone: every probe is gone; never write again."""
         self.exec_seen = True
         self._exec_count = getattr(self.target, "exec_count", 0)
+        self.semaphores.forget()
         for probe in self.probes:
             if probe.registered and not probe.is_gone:
                 probe.gone_reason = "target exec'd a new program"
@@ -991,6 +1011,7 @@ class ProbeManager:
             self._unoptimize(site)
             self._disarm(site)
         self.optimizing.clear()
+        self.semaphores.release_all()
 
     def release_areas(self) -> list[str]:
         """Unmap detour areas no thread can be in (rip or a live stack word inside).

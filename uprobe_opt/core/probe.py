@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 HANDLER_KINDS = ("python", "count", "record")
+# A USDT marker is a nop the program placed for tracers (often one byte, right before
+# code that reads the marker's operands): it keeps the int3, which the kernel's uprobe
+# serves for count probes, as it does for bpftrace and perf probe at the same site.
+USDT_REFUSAL = "USDT marker: stays int3 (a nop placed for uprobes)"
 _ids = itertools.count(1)
 
 
@@ -64,6 +68,7 @@ class Site:
     file_id: Any = None            # (dev, inode, file offset) mapped at addr when armed
     jump: bytes | None = None      # the jump written (or to write) at addr
     gone: bool = False             # its address space is not the one we patched
+    usdt: Any = None               # symbols.UsdtSite when the site is a USDT marker
 
     @property
     def patch_addr(self) -> int:

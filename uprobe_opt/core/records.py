@@ -129,7 +129,9 @@ class Records:
         Kept as a tuple until the next drain (one conversion per batch)."""
         if self.ring is not None and self.ring.pending():
             self.drain()             # keep per-thread order: earlier ring records first
-        if site.record_regs is not None:        # an exit, or an entry paired with one
+        if site.usdt is not None:               # a USDT marker: its own arguments
+            nargs, stored = self._usdt_args(site, values)
+        elif site.record_regs is not None:      # an exit, or an entry paired with one
             regs = site.record_regs
             nargs = len(regs)
             stored = tuple(values[r] for r in regs) + (0,) * (len(ARG_REGS) - nargs)
@@ -140,6 +142,20 @@ class Records:
         # hit); ring records get the same clock through the TSC fit.
         self._trap_rows.append((site.id, nargs, time.monotonic_ns(), tid, stored))
         self.nrecords += 1
+
+    def _usdt_args(self, site, values: dict) -> tuple[int, tuple]:
+        """(nargs, six u64) of a USDT marker hit: its note's argument descriptors
+        evaluated on the stopped thread's registers and memory (0 where one cannot
+        be read)."""
+        args = site.usdt.args[:len(ARG_REGS)]
+        nargs = min(len(args), max(p.nargs for p in site.enabled_probes()))
+        out = []
+        for arg in args[:nargs]:
+            try:
+                out.append(arg.fetch(values, self.manager.target.read))
+            except (TargetError, ValueError, KeyError):
+                out.append(0)
+        return nargs, tuple(out) + (0,) * (len(ARG_REGS) - nargs)
 
     def _flush_trap_rows(self) -> None:
         rows, self._trap_rows = self._trap_rows, []
