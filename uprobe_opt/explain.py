@@ -58,7 +58,8 @@ def analyse_site(resolver: SymbolResolver, site, spec: str, maps=None) -> dict:
     if pads is None:
         out["reason"] = "exception tables of the function could not be read"
         return out
-    region = arch.check(code, site.func_addr, site.func_size, addr, (), pads)
+    region = arch.check(code, site.func_addr, site.func_size, addr, (), pads,
+                        facts=resolver.function_facts(site.func_addr, site.func_size))
     if not hasattr(region, "size"):
         out["reason"] = str(region)
         return out

@@ -278,6 +278,7 @@ class _ElfData:
         self.debug_source: str | None = None   # where the secondary names came from
         self._relocs: tuple[dict, dict] | None = None
         self._branches = None
+        self._sweep = None           # the module sweep's per-function facts (arrays)
         self._fdes: list[tuple[int, int]] | None = None
         self._markers = None
         with opener() as f:
@@ -431,16 +432,19 @@ class _ElfData:
                     self._branches = self._load_branch_index()
         return self._branches
 
+    _SWEEP_KEYS = ("starts", "sizes", "ends", "ind_addrs", "ind_kinds", "by_source")
+
     def _load_branch_index(self):
         import numpy as np
         path = _branch_cache_path(self.build_id)
         if path is not None:
             try:
                 with np.load(path) as z:
+                    self._sweep = {k: z[k] for k in self._SWEEP_KEYS}
                     return z["targets"], z["sources"]
             except (OSError, KeyError, ValueError):
                 pass
-        from uprobe_opt.x86.branchindex import sweep_branches
+        from uprobe_opt.x86.branchindex import sweep_module
         segs = []
         with self._opener() as f:
             for seg in self.segments:
@@ -456,26 +460,62 @@ class _ElfData:
         funcs = [(s.value, s.size) for s in self.iter_functions()]
         named = {start for start, _ in funcs}
         funcs += [(lo, hi - lo) for lo, hi in self.fde_ranges() if lo not in named]
-        srcs, dsts = sweep_branches(funcs, read)
-        order = np.argsort(np.asarray(dsts, np.uint64), kind="stable")
-        targets = np.asarray(dsts, np.uint64)[order]
-        sources = np.asarray(srcs, np.uint64)[order]
+        sweep = sweep_module(funcs, read)
+        order = np.argsort(np.asarray(sweep.dsts, np.uint64), kind="stable")
+        targets = np.asarray(sweep.dsts, np.uint64)[order]
+        sources = np.asarray(sweep.srcs, np.uint64)[order]
+        fo = np.argsort(np.asarray(sweep.starts, np.uint64), kind="stable")
+        io = np.argsort(np.asarray(sweep.ind_addrs, np.uint64), kind="stable")
+        self._sweep = {
+            "starts": np.asarray(sweep.starts, np.uint64)[fo],
+            "sizes": np.asarray(sweep.sizes, np.uint64)[fo],
+            "ends": np.asarray(sweep.ends, np.uint64)[fo],
+            "ind_addrs": np.asarray(sweep.ind_addrs, np.uint64)[io],
+            "ind_kinds": np.asarray(sweep.ind_kinds, np.uint8)[io],
+            "by_source": np.argsort(sources, kind="stable")}
         if path is not None:
             try:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 tmp = f"{path}.{os.getpid()}.tmp.npz"
-                np.savez(tmp, targets=targets, sources=sources)
+                np.savez(tmp, targets=targets, sources=sources, **self._sweep)
                 os.replace(tmp, path)
             except OSError:
                 pass
         return targets, sources
+
+    def function_facts(self, start: int, size: int):
+        """The module sweep's x86.branchindex.FunctionFacts of the function at
+        link-time ``start`` with ``size`` bytes (None when the sweep did not cover
+        exactly that function: the caller decodes it itself)."""
+        import numpy as np
+        from uprobe_opt.x86.branchindex import INDIRECT_KINDS, FunctionFacts
+        targets, sources = self.branch_index()
+        sw = self._sweep
+        # uint64 keys: a Python int would make numpy compare the array as float64
+        # (a copy of it per lookup, and inexact above 2**53).
+        i = int(np.searchsorted(sw["starts"], np.uint64(start)))
+        if i >= len(sw["starts"]) or int(sw["starts"][i]) != start \
+                or int(sw["sizes"][i]) != size:
+            return None
+        end = start + size
+        span = np.array([start, end], np.uint64)
+        j, k = np.searchsorted(sw["ind_addrs"], span)
+        indirect = (None if j == k else
+                    (int(sw["ind_addrs"][j]), INDIRECT_KINDS[int(sw["ind_kinds"][j])]))
+        order = sw["by_source"]
+        if "sources_sorted" not in sw:
+            sw["sources_sorted"] = sources[order]
+        a, b = np.searchsorted(sw["sources_sorted"], span)
+        own = order[a:b]
+        branches = tuple(zip(sources[own].tolist(), targets[own].tolist()))
+        return FunctionFacts(int(sw["ends"][i]), indirect, branches)
 
     def branches_into(self, lo: int, hi: int, exclude: tuple[int, int]) -> dict[int, int]:
         """{target: source} of direct branches landing in [lo, hi) from outside the
         link-time range ``exclude`` (the function's own branches are scanned with it)."""
         import numpy as np
         targets, sources = self.branch_index()
-        i, j = np.searchsorted(targets, [lo, hi])
+        i, j = np.searchsorted(targets, np.array([lo, hi], np.uint64))
         out: dict[int, int] = {}
         for t, s in zip(targets[i:j].tolist(), sources[i:j].tolist()):
             if not exclude[0] <= s < exclude[1]:
@@ -500,7 +540,7 @@ class _ElfData:
         return None
 
 
-BRANCH_INDEX_VERSION = 2
+BRANCH_INDEX_VERSION = 3
 
 
 def _branch_cache_path(build_id: str | None) -> str | None:
@@ -962,6 +1002,26 @@ class SymbolResolver:
         """The loaded ELF object whose mappings contain ``addr`` (None if none)."""
         obj, _ = self._object_for_addr(addr)
         return obj
+
+    def function_facts(self, func_addr: int, func_size: int):
+        """The module sweep's facts of the function at absolute ``func_addr``
+        (x86.branchindex.FunctionFacts, absolute addresses), or None (not swept,
+        index unreadable): the analysis then decodes the whole function."""
+        obj = self.find_object(func_addr)
+        if obj is None or obj.elf is None:
+            return None
+        try:
+            facts = obj.elf.function_facts(func_addr - obj.bias, func_size)
+        except (OSError, ValueError):
+            return None
+        if facts is None or not obj.bias:
+            return facts
+        b = obj.bias
+        return dataclasses.replace(
+            facts, end=facts.end + b,
+            indirect=None if facts.indirect is None else (facts.indirect[0] + b,
+                                                          facts.indirect[1]),
+            branches=tuple((s + b, t + b) for s, t in facts.branches))
 
     def landing_pads(self, func_addr: int, func_size: int) -> list[int] | None:
         """Entry points inside [func_addr, func_addr+func_size) that come from outside

@@ -33,11 +33,14 @@ class ArchOps(Protocol):
         """XOL plan (``.code`` to write at slot_addr) for the instruction at addr, or Refusal."""
 
     def check(self, func_code: bytes, func_addr: int, func_size: int | None, addr: int,
-              other_probes: Iterable[int], extra_targets: Iterable[int] = ()) -> Any:
+              other_probes: Iterable[int], extra_targets: Iterable[int] = (),
+              facts: Any = None) -> Any:
         """Region (``.addr``, ``.size``, ``.orig``) that jump optimization would cover,
         or Refusal (kernel ``can_optimize`` + ``arch_check_optimized_kprobe``).
         ``extra_targets``: addresses entered from outside the function's own branches
-        (C++ landing pads), refused inside the region like jump targets."""
+        (C++ landing pads), refused inside the region like jump targets.  ``facts``:
+        the function's facts from the module's branch index (same verdict, no full
+        decode of the function)."""
 
     def prepare(self, region: Any, slot_addr: int, handler: Any) -> Any:
         """Detour (``.code`` for slot_addr, ``.trap_addr``) for region, or Refusal

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from .decode import Insn, check_boundary, decode
+from .decode import Insn, check_boundary, decode, decode_covering
 from .refusal import Reason, Refusal
 from .relocator import Relocator
 from .writer import TrampolineWriter
@@ -127,7 +127,7 @@ def _check_relocatable(region: Region, shadow_stack: bool = False) -> Refusal | 
 def can_optimize(func_code: bytes, func_addr: int, func_size: int | None, addr: int, *,
                  other_probes: Iterable[int] = (),
                  extra_targets: Iterable[int] = (),
-                 shadow_stack: bool = False) -> Region | Refusal:
+                 shadow_stack: bool = False, facts=None) -> Region | Refusal:
     """The region to patch at ``addr``, or why a 5-byte jump there is unsafe.
 
     ``func_code`` holds the ORIGINAL bytes of the containing function (from
@@ -141,6 +141,9 @@ def can_optimize(func_code: bytes, func_addr: int, func_size: int | None, addr: 
       3. the region fits in the function;            4. no foreign int3 / other probe in it;
       5. the whole function decodes; no indirect jump, no branch into the region;
       6. every region instruction is relocatable.
+    ``facts``: the function's branchindex.FunctionFacts (from the module's sweep, in
+    the same address space as ``func_addr``): steps 5 then read them instead of a
+    full decode of the function (same verdict, a few instructions decoded).
     """
     if func_size is None:
         return Refusal(Reason.OUTSIDE_FUNCTION, addr, f"no symbol size for 0x{addr:x}")
@@ -153,6 +156,9 @@ def can_optimize(func_code: bytes, func_addr: int, func_size: int | None, addr: 
     refusal = check_boundary(code, func_addr, addr)
     if refusal is not None:
         return refusal
+    if facts is not None:
+        return _can_optimize_with(facts, code, func_addr, addr, other_probes,
+                                  extra_targets, shadow_stack)
     insns = decode(code, func_addr)
     region = find_region(insns, addr, func_addr + len(code))
     if isinstance(region, Refusal):
@@ -166,4 +172,38 @@ def can_optimize(func_code: bytes, func_addr: int, func_size: int | None, addr: 
                        f"cannot decode the function past 0x{swept:x}, so jumps into the "
                        "region cannot be ruled out")
     refusal = _scan_function(insns, region, extra_targets) or _check_relocatable(region, shadow_stack)
+    return refusal if refusal is not None else region
+
+
+def _can_optimize_with(facts, code: bytes, func_addr: int, addr: int, other_probes,
+                       extra_targets, shadow_stack: bool) -> Region | Refusal:
+    """can_optimize steps 2-6 from the module sweep's facts: only the region's own
+    instructions are decoded (``addr`` is a proven boundary, so decoding from it
+    gives the instructions a sweep from the function's start gives)."""
+    func_end = func_addr + len(code)
+    off = addr - func_addr
+    insns = decode_covering(code[off:], addr, JMP_REL32_SIZE)
+    region = find_region(insns, addr, func_end)
+    if isinstance(region, Refusal):
+        return region
+    refusal = _check_region_bytes(region, other_probes)
+    if refusal is not None:
+        return refusal
+    if facts.end < func_end:
+        return Refusal(Reason.DECODE_ERROR, facts.end,
+                       f"cannot decode the function past 0x{facts.end:x}, so jumps into "
+                       "the region cannot be ruled out")
+    # Check 3 and 4 in address order, as _scan_function finds them.
+    into = next(((src, dst) for src, dst in facts.branches if dst in region), None)
+    ind = facts.indirect
+    if ind is not None and (into is None or ind[0] < into[0]):
+        return Refusal(Reason.INDIRECT_JUMP, ind[0], f"indirect jmp at 0x{ind[0]:x} ({ind[1]})")
+    if into is not None:
+        src, dst = into
+        mnem = next((i.mnemonic for i in decode(code[src - func_addr:src - func_addr + 15],
+                                                src)[:1]), "branch")
+        return Refusal(Reason.JUMP_INTO_RANGE, src,
+                       f"{mnem} at 0x{src:x} targets 0x{dst:x} inside the region")
+    refusal = _scan_function([], region, extra_targets) or \
+        _check_relocatable(region, shadow_stack)
     return refusal if refusal is not None else region

@@ -169,6 +169,18 @@ def decode(code: bytes, code_addr: int) -> list[Insn]:
     return [_make_insn(ci) for ci in _CS.disasm(bytes(code), code_addr)]
 
 
+def decode_covering(code: bytes, code_addr: int, nbytes: int) -> list[Insn]:
+    """The whole instructions from ``code_addr`` (a proven boundary) that cover at
+    least ``nbytes`` bytes, or fewer when the code ends or stops decoding first: a
+    light sweep finds their length, only they are decoded in detail."""
+    end = 0
+    for a, size, _m, _o in _CS.disasm_lite(bytes(code[:nbytes - 1 + 15]), code_addr):
+        end = a + size - code_addr
+        if end >= nbytes:
+            break
+    return decode(code[:end], code_addr) if end else []
+
+
 def decode_one(code: bytes, addr: int) -> Insn | None:
     """The first instruction of ``code`` at ``addr``, or None if it cannot be decoded."""
     for ci in _CS.disasm(bytes(code[:15]), addr, 1):

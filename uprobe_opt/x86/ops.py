@@ -37,12 +37,13 @@ class X86Ops:
         return x86.prepare_xol(insn, addr, slot_addr, shadow_stack=self.shadow_stack)
 
     def check(self, func_code: bytes, func_addr: int, func_size: int | None, addr: int,
-              other_probes: Iterable[int] = (), extra_targets: Iterable[int] = ()):
+              other_probes: Iterable[int] = (), extra_targets: Iterable[int] = (),
+              facts=None):
         return x86.can_optimize(func_code, func_addr, func_size, addr,
                                 other_probes=tuple(other_probes),
                                 extra_targets=(extra_targets if isinstance(extra_targets, Mapping)
                                                else tuple(extra_targets)),
-                                shadow_stack=self.shadow_stack)
+                                shadow_stack=self.shadow_stack, facts=facts)
 
     def find_exits(self, func_code: bytes, func_addr: int, func_size: int):
         return x86.find_exits(func_code, func_addr, func_size)
