@@ -68,3 +68,75 @@ def test_by_name_through_debug_file(stripped):
     assert (site.addr, site.func_size) == (want.addr, want.func_size) == (addr, want.func_size)
     p = _count(str(linked), "work")
     assert p.nhit == K and p.state.value == "optimized", p.reason
+
+
+MINI_SRC = r"""
+#include <stdio.h>
+#include <stdlib.h>
+__attribute__((noipa)) static long bump(long x) { return x * 2 + 1; }
+int main(int argc, char **argv)
+{
+    int n = argc > 1 ? atoi(argv[1]) : 1000;
+    long s = 0;
+    for (int i = 0; i < n; i++)
+        s += bump(i);
+    printf("mini: %d calls, sum=%ld\n", n, s);
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def minidebug(tmp_path_factory):
+    """(plain, mini) of a program whose static function ``bump`` is named only by
+    MiniDebugInfo, made the way Fedora's find-debuginfo does: the function symbols
+    that .dynsym lacks, kept from the debug file, xz-compressed into .gnu_debugdata
+    of the binary stripped with --strip-all."""
+    for tool in ("strip", "objcopy", "nm", "xz"):
+        if not shutil.which(tool):
+            pytest.skip(f"{tool} not installed")
+    from uprobe_opt.testing import build_c
+    d = tmp_path_factory.mktemp("minidebug")
+    (d / "mini.c").write_text(MINI_SRC)
+    plain = build_c(d / "mini.c", out_dir=d)
+
+    def names(*args):
+        out = subprocess.run(["nm", *args, "--format=posix", "--defined-only", plain],
+                             capture_output=True, text=True, check=True).stdout
+        return {line.split()[0] for line in out.splitlines()
+                if len(line.split()) > 1 and (not args or line.split()[1] in "Tt")}
+    dynsyms = names("-D")
+    keep = sorted(names() - dynsyms)
+    assert "bump" in keep
+    (d / "keep").write_text("\n".join(keep) + "\n")
+    run = lambda *cmd: subprocess.run(cmd, check=True, cwd=d, capture_output=True)  # noqa: E731
+    run("objcopy", "--only-keep-debug", plain, "debug")
+    run("objcopy", "-S", "--remove-section", ".gdb_index", "--remove-section", ".comment",
+        "--keep-symbols=keep", "debug", "mini_debuginfo")
+    run("strip", "--strip-all", "-R", ".comment", "-o", "mini", plain)
+    run("xz", "-f", "mini_debuginfo")
+    run("objcopy", "--add-section", ".gnu_debugdata=mini_debuginfo.xz", "mini")
+    out = subprocess.run(["readelf", "-SW", d / "mini"], capture_output=True, text=True).stdout
+    assert ".symtab" not in out and ".gnu_debugdata" in out and ".gnu_debuglink" not in out
+    return plain, d / "mini"
+
+
+def test_static_function_by_name_through_minidebuginfo(minidebug):
+    plain, mini = minidebug
+    want = SymbolResolver(binary=str(plain)).resolve("bump")
+    res = SymbolResolver(binary=str(mini))
+    site = res.resolve("bump")
+    assert (site.addr, site.func_size) == (want.addr, want.func_size)
+    assert next(res.iter_libraries()).elf.debug_source == ".gnu_debugdata"
+    expected = subprocess.run([mini, str(K)], capture_output=True, text=True).stdout
+    assert expected == f"mini: {K} calls, sum={sum(2 * i + 1 for i in range(K))}\n"
+    r, w = os.pipe()
+    with Tracer.spawn([str(mini), str(K)], stdout=w) as t:
+        os.close(w)
+        p = t.add_probe("bump", handler="count")
+        assert p.site.func_size == want.func_size
+        t.run()
+        got = os.read(r, 4096).decode()
+    os.close(r)
+    assert got == expected
+    assert p.nhit == K, p.reason
