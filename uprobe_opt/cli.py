@@ -56,7 +56,7 @@ def build_parser():
     ex.add_argument("items", nargs="+", metavar="[BINARY] PROBE")
     ex.add_argument("--json", action="store_true")
 
-    from uprobe_opt.relocheck import add_parser as add_check_reloc
+    from uprobe_opt.relocheck_args import add_parser as add_check_reloc
     add_check_reloc(sub)
     from uprobe_opt.listing import add_parser as add_list
     add_list(sub)

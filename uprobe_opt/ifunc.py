@@ -50,6 +50,15 @@ def read_word(pid: int, addr: int) -> int | None:
     return struct.unpack("<Q", data)[0] if len(data) == 8 else None
 
 
+def emulation_unavailable() -> str | None:
+    """Why resolvers cannot be emulated here (the optional ``unicorn`` package, the
+    ``emulation`` extra, is not installed), or None."""
+    import importlib.util
+    if importlib.util.find_spec("unicorn") is None:
+        return "unicorn not installed: pip install 'uprobe-opt[emulation]'"
+    return None
+
+
 def emulate_resolver(pid: int, resolver: int, readable) -> int | None:
     """What the IFUNC resolver at absolute ``resolver`` returns in process ``pid``,
     emulated over copies of its pages; ``readable(addr)`` says whether ``addr`` lies

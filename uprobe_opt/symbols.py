@@ -931,12 +931,14 @@ class SymbolResolver:
         SymbolError naming the candidates when it cannot be learnt."""
         impl, how = self.find_ifunc_target(obj, sym)
         if impl is None:
+            from uprobe_opt import ifunc
             cands = ", ".join(self.ifunc_candidates(obj.bias + sym.value, sym.size)) or "none found"
+            why = ifunc.emulation_unavailable()
             raise SymbolError(
                 f"{text}: {sym.name} is a GNU IFUNC and the implementation process "
                 f"{self.pid} runs could not be learnt (no relocated slot holds it and its "
-                f"resolver could not be emulated); probe one by name or address: {cands}",
-                pid=self.pid)
+                f"resolver could not be emulated{f': {why}' if why else ''}); probe one "
+                f"by name or address: {cands}", pid=self.pid)
         site = self._resolve_addr(impl, text)
         name = site.symbol if site.func_addr == impl else None
         return dataclasses.replace(site, spec=f"{text} -> {name or f'{impl:#x}'}",
