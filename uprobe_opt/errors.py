@@ -59,6 +59,15 @@ class SymbolError(ProbeError):
         self.candidates = candidates or []
 
 
+class LibraryNotLoaded(SymbolError):
+    """A spec names a library the process has not loaded (``lib``): the Tracer keeps
+    such a probe pending until the dynamic linker maps it."""
+
+    def __init__(self, msg: str, *, lib: str | None = None, **kw):
+        super().__init__(msg, **kw)
+        self.lib = lib
+
+
 class PatchError(ProbeError):
     """Writing the target's code failed or read back different bytes."""
 

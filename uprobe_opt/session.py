@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Sequence
 from uprobe_opt.core.arch import load_arch
 from uprobe_opt.core.manager import RETRY_DELAY, ProbeManager
 from uprobe_opt.core.probe import Probe
-from uprobe_opt.errors import AccessDenied, ProcessGone, UsageError
+from uprobe_opt.errors import AccessDenied, LibraryNotLoaded, ProcessGone, UsageError
 from uprobe_opt.symbols import SymbolResolver
 from uprobe_opt.target import Target
 
@@ -91,6 +91,7 @@ class Tracer:
         self._detached = False
         self.notes: list[str] = []
         self.exec_seen = False
+        self.libwatch = None          # pending probes (uprobe_opt.pending), when any
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -181,7 +182,13 @@ class Tracer:
 
     @property
     def probes(self) -> list[Probe]:
-        return [p for p in self.manager.probes if p.registered]
+        return [p for p in self.manager.probes
+                if p.registered and not getattr(p, "internal", False)]
+
+    @property
+    def pending_probes(self) -> list:
+        """Specs whose library is not loaded, or was unloaded (uprobe_opt.pending)."""
+        return self.libwatch.pending if self.libwatch is not None else []
 
     def add_probe(self, spec: str, pre_handler: Callable | None = None, *,
                   handler: str | None = None, optimize: bool = True, nargs: int = 6
@@ -214,13 +221,32 @@ class Tracer:
                 raise UsageError("handler 'latency' needs a return probe (SPEC%return)")
             # One spec may name many sites (a glob: ``libc:str*``); site.spec is the spec
             # as given, ``libc:strlen -> __strlen_avx2`` for an IFUNC, LIB:NAME per match.
-            items = []
+            items, plan = [], []
             for i, spec in enumerate(specs):
+                try:
+                    sites = self.resolver.resolve_all(split_return_spec(spec)[0])
+                except LibraryNotLoaded as e:
+                    plan.append(self._pending(spec, handler, pre_handler, optimize,
+                                              nargs, e))
+                    continue
+                plan.append(len(sites))
                 items += [(site, handler, pre_handler, site.spec, optimize)
-                          for site in self.resolver.resolve_all(split_return_spec(spec)[0])]
+                          for site in sites]
                 self.manager.progress("resolving", i + 1, len(specs))
-            return self.manager.register_many(items, nargs=nargs)
+            probes = iter(self.manager.register_many(items, nargs=nargs))
+            return [p for entry in plan
+                    for p in ([entry] if not isinstance(entry, int)
+                              else [next(probes) for _ in range(entry)])]
         return self._add_with_returns(specs, pre_handler, handler, optimize, nargs)
+
+    def _pending(self, spec, handler, pre_handler, optimize, nargs, error):
+        """A PendingProbe for ``spec``, whose library is not loaded (uprobe_opt.pending)."""
+        from uprobe_opt.pending import LibraryWatch, PendingProbe
+        if self.libwatch is None:
+            self.libwatch = LibraryWatch(self)
+        pp = PendingProbe(spec, handler, pre_handler, optimize, nargs, error.lib)
+        self.libwatch.add(pp, error)
+        return pp
 
     def _add_with_returns(self, specs, pre_handler, handler, optimize, nargs) -> list:
         """add_probes with return probes among the specs: every site (plain probes,
@@ -390,7 +416,9 @@ class Tracer:
                  "hits": p.nhit, "nmissed": p.nmissed, "reason": p.reason,
                  "served_by": p.served_by}
                 for p in self.probes if p.retprobe is None]
-        return rows + [rp.summary_row() for rp in self.return_probes]
+        pending = [pp.summary_row() for pp in self.pending_probes]
+        return rows + [r for r in pending if r is not None] + \
+            [rp.summary_row() for rp in self.return_probes]
 
     def tracer_probes(self) -> list[Probe]:
         """Probes whose hits need the tracer: Python handlers, and int3 sites the

@@ -52,7 +52,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from . import elfsyms
-from .errors import ProbeError, SymbolError
+from .errors import LibraryNotLoaded, ProbeError, SymbolError
 from .target.maps import Mapping as _Mapping, read_maps
 
 __all__ = ["ProbeSpec", "Site", "LoadedObject", "SymbolResolver", "parse_spec",
@@ -749,8 +749,8 @@ class SymbolResolver:
                     exact = [o for o in hits if o.name[len(lib)] in ".-_"]
                     hits = exact if len(exact) == 1 else hits
         if not hits:
-            raise SymbolError(f"unknown library {lib!r}; loaded: {', '.join(names)}",
-                              candidates=names, pid=self.pid)
+            raise LibraryNotLoaded(f"unknown library {lib!r}; loaded: {', '.join(names)}",
+                                   candidates=names, pid=self.pid, lib=lib)
         if len(hits) > 1:
             cands = [o.path for o in hits]
             raise SymbolError(f"library {lib!r} is ambiguous: matches {', '.join(cands)}",

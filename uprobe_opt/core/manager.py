@@ -124,6 +124,11 @@ class ProbeManager:
             self._maps_cache = (self.window, self.target.maps())
         return self._maps_cache[1]
 
+    def maps_changed(self) -> None:
+        """The target mapped or unmapped something while stopped (the dynamic
+        linker's r_brk): the window's cached maps are stale."""
+        self._maps_cache = None
+
     def _file_id(self, addr: int) -> tuple | None:
         m = next((m for m in self._maps() if m.start <= addr < m.end), None)
         return None if m is None else m.file_id(addr)
@@ -173,6 +178,22 @@ class ProbeManager:
         return False
 
     # -- hands-off ------------------------------------------------------------------
+    def forget_site(self, site: Site, reason: str) -> None:
+        """The code under ``site`` was unmapped (dlclose): every probe there becomes
+        gone with ``reason``, nothing is written, and the address is free for a new
+        site (a library mapped there later is another file).  A kernel-served site's
+        events are closed first and waited for: the kernel re-plants its uprobe in
+        every new mapping of the same file, and a late close would restore the
+        original byte over a breakpoint of ours there."""
+        if site.kernel is not None:
+            with self._stopped():
+                self.kernel.release(site, wait=True)
+                site.kernel_served = False
+        self._site_gone(site, reason)
+        self._usdt_semaphore(site, live=False)
+        if self.sites.get(site.addr) is site:
+            del self.sites[site.addr]
+
     def has_patches(self) -> bool:
         """Anything of ours is (or may be) in the target: a patched site, a mapped area
         or the ring.  False: detaching needs no window at all."""

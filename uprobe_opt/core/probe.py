@@ -27,6 +27,7 @@ class ProbeState(enum.Enum):
     OPTIMIZED = "optimized"     # the site jumps to a detour
     DISABLED = "disabled"       # registered but not counting; the site may be disarmed
     GONE = "gone"               # the address space it lived in is gone (exec)
+    PENDING = "pending"         # its library is not loaded (armed when it is mapped)
 
 
 @dataclass(eq=False)
