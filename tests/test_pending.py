@@ -72,6 +72,7 @@ def test_dlopen_after_the_probe_was_given_counts_from_the_load(libs):
         pp = t.add_probe(SPEC, handler="count")
         assert pp.state.value == "pending" and "not loaded" in pp.reason
         assert [r["state"] for r in t.summary()] == ["pending"]
+        assert "r_brk" in t.manager.tracer_reason()
         assert prog.cmd("open a").startswith("opened a")
         assert pp.state.value in ("int3", "optimized") and len(pp.incarnations) == 1
         assert prog.cmd("call 1000") == f"called 1000 sum={sum(map(lib_fn_a, range(1000)))}"

@@ -244,3 +244,57 @@ def test_python_function_entry_agrees_with_bpftrace(tmp_path):
     summary = [x for x in rows if x.get("event") == "summary"]
     hits = summary[0]["probes"][0]["hits"] if summary else None
     assert hits == want
+
+
+def test_semaphore_follows_disable_and_enable():
+    exe = _sdt_target()
+    proc = subprocess.Popen([exe, str(N)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        wait_for_line(proc.stdout, "usdt: ready")
+        with Tracer.attach(proc.pid) as t:
+            tick = t.add_probe("usdt:demo:tick", handler="count")
+            sem = tick.site.usdt.semaphore
+            assert _sem_value(proc.pid, sem) == 1
+            t.disable(tick)
+            assert _sem_value(proc.pid, sem) == 0      # not live: the guard is off
+            t.enable(tick)
+            assert _sem_value(proc.pid, sem) == 1
+            t.remove_probe(tick)
+            assert _sem_value(proc.pid, sem) == 0
+        assert _phase(proc)["guarded"] == "0"
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
+def test_cli_ctrl_c_releases_the_semaphore():
+    """The command's clean end (SIGINT, here while hands-off: the kernel serves the
+    count site) decrements the semaphore; the hits of the phase traced are exact."""
+    import signal
+    import sys
+    import time
+    exe = _sdt_target()
+    proc = subprocess.Popen([exe, str(N)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        wait_for_line(proc.stdout, "usdt: ready")
+        sem = SymbolResolver(pid=proc.pid).resolve("usdt:demo:tick").usdt.semaphore
+        cli = subprocess.Popen([sys.executable, "-m", "uprobe_opt.cli", "trace", "-p",
+                                str(proc.pid), "usdt:demo:tick", "--handler", "count",
+                                "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+        deadline = time.monotonic() + 60
+        while _sem_value(proc.pid, sem) != 1:        # armed: the guard is on
+            assert time.monotonic() < deadline and cli.poll() is None
+            time.sleep(0.01)
+        phase = _phase(proc)
+        assert phase["guarded"] == str(N) and phase["sem"] == "1"
+        cli.send_signal(signal.SIGINT)
+        out, err = cli.communicate(timeout=60)
+        assert cli.returncode in (0, 130), err
+        summary = [json.loads(x) for x in out.splitlines() if '"summary"' in x][0]
+        assert summary["probes"][0]["hits"] == N
+        assert _sem_value(proc.pid, sem) == 0
+        assert _phase(proc)["guarded"] == "0"
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)

@@ -245,9 +245,13 @@ class ProbeManager:
         sites = [s for s in self.sites.values() if self.site_needs_tracer(s)]
         if not sites:
             return None
+        # The r_brk breakpoint of pending probes (uprobe_opt.pending): no user's probe.
+        internal = [s for s in sites if all(getattr(p, "internal", False) for p in s.probes)]
+        sites = [s for s in sites if s not in internal]
         python = sum(1 for s in sites if s.wanted_kind() == "python")
         int3 = len(sites) - python
-        parts = []
+        parts = ["pending probes wait at the dynamic linker's r_brk breakpoint"] \
+            if internal else []
         if int3:
             parts.append(f"{int3} int3 site{'s need' if int3 > 1 else ' needs'} the tracer")
         if python:
