@@ -21,6 +21,7 @@ with pending probes stays attached (``mode_reason`` says so).
 """
 from __future__ import annotations
 
+import os
 import struct
 
 from uprobe_opt.core.probe import ProbeState
@@ -31,6 +32,40 @@ RT_CONSISTENT, RT_ADD, RT_DELETE = 0, 1, 2
 # enum r_state; ElfW(Addr) r_ldbase
 R_BRK_OFFSET, R_STATE_OFFSET = 16, 24
 _LDSO_NAMES = ("ld-linux-x86-64.so.2", "ld-linux")
+
+
+_LIB_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64",
+             "/lib", "/usr/lib", "/usr/local/lib")
+
+
+def find_on_disk(pid: int, lib: str, loaded_paths) -> str | None:
+    """A file the process could dlopen as ``lib`` (a path; or a name matched like
+    loaded objects are, ``libssl`` -> ``libssl.so.3``, in its LD_LIBRARY_PATH, the
+    directories of the objects it has loaded, and the system library directories),
+    seen through /proc/PID/root; None when there is none (a typo: the spec is an
+    error, not a pending probe)."""
+    root = f"/proc/{pid}/root"
+    if "/" in lib:
+        return lib if os.path.isfile(root + lib) else None
+    dirs: list[str] = []
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            for kv in f.read().split(b"\0"):
+                if kv.startswith(b"LD_LIBRARY_PATH="):
+                    dirs += [d for d in kv[16:].decode(errors="replace").split(":") if d]
+    except OSError:
+        pass
+    dirs += [os.path.dirname(p) for p in loaded_paths] + list(_LIB_DIRS)
+    for d in dict.fromkeys(dirs):
+        try:
+            names = os.listdir(root + d)
+        except OSError:
+            continue
+        for name in sorted(names):
+            if name == lib or (name.startswith(lib) and name[len(lib):len(lib) + 1] in ".-_"
+                               and ".so" in name[len(lib):]):
+                return os.path.join(d, name)
+    return None
 
 
 class PendingProbe:
@@ -107,8 +142,13 @@ class LibraryWatch:
 
     # -- set-up ------------------------------------------------------------------------
     def add(self, pending: PendingProbe, error: LibraryNotLoaded) -> None:
-        """Register ``pending``; the first one plants the r_brk breakpoint.  Re-raises
-        ``error`` when the process has no dynamic linker to watch (static)."""
+        """Register ``pending``; the first one plants the r_brk breakpoint.  Raises
+        ``error`` when no such library exists for the process to load (find_on_disk)
+        or it has no dynamic linker to watch (static)."""
+        t = self.tracer
+        paths = [o.path for o in t.resolver.iter_libraries()]
+        if find_on_disk(t.pid, pending.lib, paths) is None:
+            raise error
         if self.probe is None:
             self._start(error)
         self.pending.append(pending)
