@@ -193,6 +193,7 @@ class ProbeManager:
         self._usdt_semaphore(site, live=False)
         if self.sites.get(site.addr) is site:
             del self.sites[site.addr]
+            self._site_addrs.remove(site.addr)
 
     def has_patches(self) -> bool:
         """Anything of ours is (or may be) in the target: a patched site, a mapped area
