@@ -100,15 +100,13 @@ class Output:
         """Lines for a drained batch of records (one per record and probe);
         ``probes_of_site(site_id)`` names the probes of a record's site."""
         specs = {}
-        # A record keeps its own count (a USDT marker's arguments: the note's).
-        for site, t, tid, n, args in zip(batch["site"].tolist(), batch["time_ns"].tolist(),
-                                         batch["tid"].tolist(), batch["nargs"].tolist(),
-                                         batch["args"].tolist()):
+        for site, t, tid, args in zip(batch["site"].tolist(), batch["time_ns"].tolist(),
+                                      batch["tid"].tolist(), batch["args"].tolist()):
             names = specs.get(site)
             if names is None:
                 names = specs[site] = [p.spec for p in probes_of_site(site)]
             for name in names:
-                self._line(name, t, tid, args[:min(nargs, n)])
+                self._line(name, t, tid, args[:nargs])
         self.flush()
 
     def _line(self, spec: str, t_ns: int, tid: int, args) -> None:
