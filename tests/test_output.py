@@ -554,3 +554,24 @@ def test_perfetto_write_error_is_an_output_error(c_target):
     assert res.returncode == 74, err
     assert res.stdout == plain([exe, "1000"])
     _one_error_line(err, "uprobe-opt: writing /dev/full: No space left on device")
+
+
+def test_spawned_program_killed_before_its_entry_point(tmp_path):
+    """A program that dies before its entry point (here: SIGKILL from a library
+    constructor, which ld.so runs first; the same as a kill between its execve and
+    our sight of it): an empty summary, how it ended, its status as ours."""
+    lib, prog = tmp_path / "libk.so", tmp_path / "prog"
+    (tmp_path / "k.c").write_text("#include <signal.h>\n#include <unistd.h>\n"
+                                  "__attribute__((constructor)) static void k(void)"
+                                  " { kill(getpid(), SIGKILL); }\nvoid k_fn(void) {}\n")
+    (tmp_path / "p.c").write_text("void k_fn(void);\nint main(void) { k_fn(); return 0; }\n")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", lib, tmp_path / "k.c"], check=True)
+    subprocess.run(["gcc", "-o", prog, tmp_path / "p.c", f"-L{tmp_path}", "-lk",
+                    f"-Wl,-rpath,{tmp_path}"], check=True)
+    res = cli("trace", "main", "--handler", "count", "--", prog)
+    err = res.stderr.decode()
+    assert res.returncode == 137 and "Traceback" not in err, err
+    assert err.splitlines()[-2:] == [
+        "PROBE  ADDRESS  STATE  HITS  NMISSED  REASON",
+        "uprobe-opt: ended: target killed by signal 9 (SIGKILL) after 0.00 s (attached "
+        "mode, 0 handler errors)"], err

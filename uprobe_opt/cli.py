@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from uprobe_opt.errors import ProbeError
+from uprobe_opt.errors import ProbeError, TargetExited
 
 ARG_NAMES = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 
@@ -319,11 +319,16 @@ def cmd_trace(args, stop) -> int:
     run = None
     try:
         with _handler_prints_to(out, enabled=pre is not None):
-            run = TraceRun(pid=args.pid, command=args.command or None, stop=stop,
-                           optimize=not args.no_optimize, log=out.note,
-                           buffer_size=args.buffer_bytes, on_records=sink,
-                           kernel_uprobes=not args.no_kernel_uprobes,
-                           progress=PhaseProgress())
+            try:
+                run = TraceRun(pid=args.pid, command=args.command or None, stop=stop,
+                               optimize=not args.no_optimize, log=out.note,
+                               buffer_size=args.buffer_bytes, on_records=sink,
+                               kernel_uprobes=not args.no_kernel_uprobes,
+                               progress=PhaseProgress())
+            except TargetExited as e:
+                if not args.command or e.status is None:
+                    raise
+                return _ended_before_traced(out, e)
             sink.hook_calls(run.tracer)
             run.arm(args.probes, pre, handler=args.handler, nargs=args.args)
             status = Status(run.tracer, enabled=_status_wanted(args, out))
@@ -346,6 +351,18 @@ def cmd_trace(args, stop) -> int:
         from uprobe_opt.output import EXIT_OUTPUT_ERROR
         return EXIT_OUTPUT_ERROR
     return code
+
+
+def _ended_before_traced(out, e) -> int:
+    """Spawn mode: the program ended (killed, or exited) before it reached its entry
+    point: an empty summary, how it ended, and its status as ours."""
+    from uprobe_opt.run import RunEnd
+    code = os.waitstatus_to_exitcode(e.status)
+    end = RunEnd("killed", signal=-code) if code < 0 else RunEnd("exited", status=code)
+    out.note(str(e))
+    out.summary([], {"end": end.to_json(), "mode": "attached", "duration_s": 0.0,
+                     "handler_errors": 0})
+    return 128 - code if code < 0 else code
 
 
 def _report_elsewhere(out, run, sink, args) -> None:

@@ -579,9 +579,13 @@ class Target:
                 self._threads.clear()
                 self.exited, self.exit_status = True, status
                 code = os.read(err_r, 64).decode() or "0"
-                raise TargetError(f"cannot execute {prog!r}: {os.strerror(int(code))}"
-                                  if code != "0" else f"{prog!r} died before exec",
-                                  pid=self.pid)
+                if code != "0":
+                    raise TargetError(f"cannot execute {prog!r}: {os.strerror(int(code))}",
+                                      pid=self.pid)
+                # Killed (SIGKILL) between its execve and our sight of the exec event,
+                # which a killed task never reports: it ended before it was traced.
+                raise TargetExited(f"{prog!r} ended before it could be traced",
+                                   pid=self.pid, status=status)
             if status >> 16 == pt.PTRACE_EVENT_EXEC:
                 self._threads[self.pid].stopped = True
                 return
