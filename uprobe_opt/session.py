@@ -34,7 +34,8 @@ from typing import Callable, Iterable, Sequence
 from uprobe_opt.core.arch import load_arch
 from uprobe_opt.core.manager import RETRY_DELAY, ProbeManager
 from uprobe_opt.core.probe import Probe
-from uprobe_opt.errors import AccessDenied, LibraryNotLoaded, ProcessGone, UsageError
+from uprobe_opt.errors import (AccessDenied, LibraryNotLoaded, ProcessGone, SymbolError,
+                              UsageError)
 from uprobe_opt.symbols import SymbolResolver
 from uprobe_opt.target import Target
 
@@ -229,6 +230,9 @@ class Tracer:
                     plan.append(self._pending(spec, handler, pre_handler, optimize,
                                               nargs, e))
                     continue
+                except SymbolError:
+                    self._raise_if_exec()        # the names were read mid-exec
+                    raise
                 plan.append(len(sites))
                 items += [(site, handler, pre_handler, site.spec, optimize)
                           for site in sites]
@@ -238,6 +242,14 @@ class Tracer:
                     for p in ([entry] if not isinstance(entry, int)
                               else [next(probes) for _ in range(entry)])]
         return self._add_with_returns(specs, pre_handler, handler, optimize, nargs)
+
+    def _raise_if_exec(self) -> None:
+        """ProcessGone when the process exec'd while we read its names: the failure
+        to resolve is then the exec's, not the user's spec's."""
+        if self.target.mm_replaced():
+            raise ProcessGone(f"process {self.pid} exec'd a new program while "
+                              "uprobe-opt prepared its probes: nothing was written",
+                              pid=self.pid)
 
     def _pending(self, spec, handler, pre_handler, optimize, nargs, error):
         """A PendingProbe for ``spec``, whose library is not loaded (uprobe_opt.pending)."""

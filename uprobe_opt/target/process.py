@@ -480,6 +480,8 @@ class Target:
             self._released = True
             self._open_pidfd()
             self._mem.open(_live_task(pid))
+            m = next((m for m in self._read_maps() if m.perms[0] == "r"), None)
+            self._exec_probe = None if m is None else m.start   # an exec shows there
             return self
         try:
             self._seize_all()
@@ -767,6 +769,28 @@ class Target:
             self._gadget = None
             self.exec_count += 1
             self._events.append(ExecEvent(self.pid))
+
+    def mm_replaced(self) -> bool:
+        """True when the address space we opened is gone while the process lives on:
+        it exec'd (our /proc/PID/mem fd reads 0 bytes, a fresh one reads the new
+        image).  For callers that read the process without stopping it (symbol
+        resolution) and must tell a failure of theirs from an exec meanwhile."""
+        if self._mem.fd is None or self._exec_probe is None or self.exited:
+            return False
+        try:
+            if os.pread(self._mem.fd, 1, self._exec_probe):
+                return False
+        except OSError:
+            return False
+        try:
+            fresh = _Memory(self.pid)
+            fresh.open(_live_task(self.pid))
+            m = next((m for m in self._read_maps() if m.perms[0] == "r"), None)
+            live = m is not None and bool(os.pread(fresh.fd, 1, m.start))
+            fresh.close()
+        except (OSError, ProbeError):
+            return False
+        return live
 
     def _check_exec_released(self) -> None:
         """No pidfd tells of an exec: our /proc/PID/mem fd does (it reads 0 bytes once
