@@ -302,6 +302,32 @@ def test_target_killed_while_hands_off_summary_says_so(exe, progs):
     assert (end["reason"], end["signal"]) in (("killed", 9), ("exited", None)), end
 
 
+def test_enable_disable_remove_after_letting_go(exe, progs):
+    """The API after hands-off: disable, enable and remove a probe while the tracer
+    has let go.  Each is done in a window that seizes the threads first (an int3 in an
+    untraced process would kill it at its next hit); the program runs on and counts
+    resume exactly where they were frozen."""
+    prog = progs(exe, "spin", 2)
+    before = exec_mappings(prog.pid)
+    with Tracer.attach(prog.pid) as t:
+        p = t.add_probe("probed", handler="count")
+        run_until_hands_off(t)
+        t.disable(p)
+        frozen = p.nhit
+        run_until_hands_off(t)                      # nothing patched: let go again
+        assert p.nhit == frozen and t.mode == "hands-off"
+        t.enable(p)
+        t.optimize(timeout=5)
+        run_until_hands_off(t)
+        t.run(duration=0.1)
+        assert p.state.value == "optimized" and p.nhit > frozen
+        t.remove_probe(p)
+        run_until_hands_off(t)
+    assert exec_mappings(prog.pid) == before and ours_left(prog.pid) == []
+    code, text = prog.finish()
+    assert code == 0 and text.startswith("done calls=")
+
+
 def test_second_tracer_refuses_to_stack_on_our_jump(exe, progs):
     """A second uprobe-opt on a function the first one jump-optimized (it is still
     tracing, hands-off) is refused with exit 2 before touching anything: stacking a

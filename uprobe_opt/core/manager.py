@@ -130,8 +130,15 @@ class ProbeManager:
         self._maps_cache = None
 
     def _file_id(self, addr: int) -> tuple | None:
-        m = next((m for m in self._maps() if m.start <= addr < m.end), None)
-        return None if m is None else m.file_id(addr)
+        """(dev, inode, offset) of the file byte mapped at ``addr``, None if none.
+        /proc/PID/maps is read in pages: a process that maps or unmaps meanwhile can
+        make one read skip a mapping that is there.  While it runs, a mapping missing
+        is believed only when three reads agree."""
+        for _ in range(1 if self.target.stopped else 3):
+            m = next((m for m in self._maps() if m.start <= addr < m.end), None)
+            if m is not None:
+                return m.file_id(addr)
+        return None
 
     def _verify(self, site: Site) -> bool:
         """Before a write at ``site``: the same file byte is mapped there as when it was
@@ -433,29 +440,38 @@ class ProbeManager:
         now = site_counts(probe.site)
         probe._frozen = [f + n - s for f, n, s in zip(probe._frozen, now, probe._snap)]
 
+    def _traced(self):
+        """A window when the tracer let go, else none: an int3 written into a process
+        no tracer traces would kill it with SIGTRAP at its next hit, so a site that may
+        be armed again is changed only while every thread is traced."""
+        return self._stopped() if self.target.released else contextlib.nullcontext()
+
     def enable(self, probe: Probe) -> None:
         if probe.enabled or probe.is_gone:
             return
-        probe.enabled = True
-        self._probe_enabled(probe)
-        self._site_changed(probe.site)
+        with self._traced():
+            probe.enabled = True
+            self._probe_enabled(probe)
+            self._site_changed(probe.site)
 
     def disable(self, probe: Probe) -> None:
         if not probe.enabled or probe.is_gone:
             return
-        self._probe_disabled(probe)
-        probe.enabled = False
-        self._site_changed(probe.site)
+        with self._traced():
+            self._probe_disabled(probe)
+            probe.enabled = False
+            self._site_changed(probe.site)
 
     def unregister(self, probe: Probe) -> None:
         if not probe.registered:
             return
-        if probe.enabled:
-            self._probe_disabled(probe)
-        probe.enabled = False
-        probe.registered = False
-        probe.site.probes.remove(probe)
-        self._site_changed(probe.site)
+        with self._traced():
+            if probe.enabled:
+                self._probe_disabled(probe)
+            probe.enabled = False
+            probe.registered = False
+            probe.site.probes.remove(probe)
+            self._site_changed(probe.site)
 
     # -- site state machine -----------------------------------------------------------
     def _site_changed(self, site: Site) -> None:
