@@ -179,11 +179,14 @@ def counters(uc, n, base=COUNTERS):
     return [int.from_bytes(uc.mem_read(base + 64 * i, 8), "little") for i in range(n)]
 
 
-@pytest.mark.parametrize("cpu,slot_index", [(5, 5), (13, 5), (0, 0), (-1, 7)])
+@pytest.mark.parametrize("cpu,slot_index", [(5, 5), (13, 8), (0, 0), (7, 7), (-1, 8), (-2, 8)])
 def test_count_per_cpu(cpu, slot_index):
+    """cpu_id 0..7: that CPU's slot (the rseq path); -1/-2 (no rseq area) and a CPU
+    beyond the slots: the shared slot 8 (lock inc)."""
     spec = HandlerSpec("count", counter_addr=COUNTERS, ncpu_slots=8, rseq_offset=-0x60)
+    assert spec.counter_slots == 9
     _, _, uc, detour = compare(RIPLOAD, FUNC, {}, handler=spec)
-    want = [0] * 8
+    want = [0] * 9
     # compare() ran the detour once with cpu_id 0 (zeroed fs area): reset and rerun
     uc.mem_write(COUNTERS, bytes(8 * 64))
     uc.mem_write(FS_BASE - 0x60 + 4, cpu.to_bytes(4, "little", signed=True))
@@ -191,7 +194,10 @@ def test_count_per_cpu(cpu, slot_index):
         uc.reg_write(X.UC_X86_REG_RSP, RSP0)
         run_until_outside(uc, SLOT, SLOT, SLOT + len(detour.code))
     want[slot_index] = 3
-    assert counters(uc, 8) == want
+    assert counters(uc, 9) == want
+    assert spec.counter_slot_addr(cpu) == COUNTERS + 64 * slot_index
+    # the sequence leaves no pointer to its descriptor in struct rseq
+    assert bytes(uc.mem_read(FS_BASE - 0x60 + 8, 8)) == bytes(8)
 
 
 def test_count_single_slot_and_far_counter():

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from uprobe_opt import relocheck, x86
+from uprobe_opt.x86 import lean
 from uprobe_opt.x86 import (HandlerSpec, Reason, Region, build_exit_detour,
                             can_optimize_exit, decode, find_exits)
 from uprobe_opt.x86.writer import TrampolineWriter
@@ -89,15 +90,17 @@ def test_exit_detour_shape():
     assert d.jump == x86.jump_bytes(F + 5, F + 0x100000)
 
 
-def test_record_handler_stores_exit_regs_from_the_frame():
+def test_record_handler_stores_exit_regs_from_their_saved_copies():
     region = can_optimize_exit(TWO_RETS, F, len(TWO_RETS), F + 11)
     spec = HandlerSpec("record", counter_addr=F + 0x200000, ring_addr=F + 0x300000,
                        ring_mask=15, missed_addr=F + 0x200040, regs=("rax", "rdx", "rsp"))
     d = build_exit_detour(region, F + 0x100000, spec)
     texts = [str(i) for i in decode(d.code, d.slot_addr)]
-    frame = x86.frame_offset
-    assert f"mov r11, qword ptr [rsp + {frame('rax'):#x}]" in texts
-    assert f"mov r11, qword ptr [rsp + {frame('rsp'):#x}]" in texts
+    # the lean save: rax rbx rbp r10 r11 rdx pushed, then the flags word (lean.py)
+    saved = lean.Saved(lean.RECORD_CLOBBERS, "lahf-stack")
+    assert saved.offset("rax") == 0x30 and saved.site_rsp_offset == 0xB8
+    assert "mov r11, qword ptr [rsp + 0x30]" in texts           # rax as at the exit
+    assert "lea r11, [rsp + 0xb8]" in texts                     # the exit's rsp
     assert "mov qword ptr [rbx + 0x28], rdx" in texts          # args[1]: still live
     with pytest.raises(ValueError):
         HandlerSpec("record", ring_mask=15, regs=("rax", "xmm0"))

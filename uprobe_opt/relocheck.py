@@ -13,9 +13,14 @@ run twice in unicorn from the same randomized state:
 
 and compares: the 16 GPRs, the arithmetic flags and DF, xmm0-15, every byte either run
 wrote (the red zone ``[rsp-128, rsp)`` included), the addresses the region read, and
-where control goes next (the same absolute address).  Every state runs the detour twice,
-with ``HandlerSpec("none")`` and with a per-CPU ``count`` handler, whose counter
-increment must be the only extra write besides the detour's frame below the red zone.
+where control goes next (the same absolute address).  Every state runs the detour three
+times, with ``HandlerSpec("none")``, with a per-CPU ``count`` handler and with a
+``record`` handler (a 4-record ring): the counter increment, the record (checked field
+by field against the state at the site) and the rseq_cs word (0 again afterwards) must
+be the only extra writes besides the detour's scratch below the red zone.  In every
+other state the detour's restartable sequence is aborted once, at one of its
+instructions, the way the kernel does it (rseq_cs cleared, rip = abort_ip): the count
+must still grow by exactly one.
 
 Memory is mapped on demand: any page either run touches is filled from a function of
 (state, page address) only, so both runs see the same bytes wherever they look.  Pages
@@ -49,6 +54,7 @@ from capstone import x86_const as CX
 from uprobe_opt import x86
 from uprobe_opt.errors import SymbolError
 from uprobe_opt.symbols import SymbolResolver
+from uprobe_opt.x86 import ringlayout as RL
 from uprobe_opt.x86.writer import fits_rel32
 
 __all__ = ["CodeImage", "Function", "Site", "Mismatch", "FileReport", "iter_functions", "find_sites",
@@ -75,6 +81,9 @@ FAR_COUNTERS = 0x6000_0000_0000
 SLOT_MIN, SLOT_MAX = 0x10000, 0x7FFF_0000_0000
 RSEQ_OFFSET = -0x7A0                  # struct rseq at fs + this (cpu_id at +4)
 NCPU_SLOTS = 2
+RING_RECORDS = 4                      # the record handler's ring (header page + records)
+RING_DISTANCE = 0x10000               # ring = counter's page + this
+PROBE_ID = 0x5EC
 
 # Instructions whose result unicorn cannot reproduce the way the CPU does.
 NONDETERMINISTIC = frozenset({
@@ -344,6 +353,7 @@ class _Emu:
         self.state = state
         self.mapped: dict[int, None] = {}
         self.phase = 1                  # 0: detour code before the relocated region
+        self.aborted = False            # a restartable sequence was aborted
         self.stop: tuple[str, object] | None = None
         self.writes: list[tuple[int, int, int]] = []
         self.reads: list[tuple[int, int, int]] = []
@@ -460,10 +470,36 @@ def run_original(pages: dict[int, bytes], state: State, region) -> Outcome:
     return emu.run(region.addr, on_code)
 
 
-def run_detour(pages: dict[int, bytes], state: State, detour) -> Outcome:
+def ring_addr(state: State) -> int:
+    return (state.counter_addr & ~(PAGE - 1)) + RING_DISTANCE
+
+
+def missed_addr(state: State) -> int:
+    return state.counter_addr + 64 * (NCPU_SLOTS + 1)
+
+
+def _abort_pc(state: State, detour) -> int | None:
+    """The instruction of the detour's first restartable sequence at which this state
+    is preempted (every other state), or None."""
+    if not detour.rseq or state.index % 2:
+        return None
+    start, post, _ = detour.rseq[0]
+    insns = x86.decode(detour.code[start - detour.slot_addr: post - detour.slot_addr], start)
+    return insns[(state.index // 2) % len(insns)].addr
+
+
+def run_detour(pages: dict[int, bytes], state: State, detour, handler=None) -> Outcome:
     """Enter the detour at its slot (the 5-byte jump written at the probe address, as
-    in the target) and run until rip leaves the slot."""
+    in the target) and run until rip leaves the slot.  A record handler's ring is
+    initialized first; a restartable sequence may be aborted once (_abort_pc)."""
     emu = _Emu(pages, state)
+    if handler is not None and handler.kind == "record":
+        buf = bytearray(RL.ring_size(RING_RECORDS))
+        RL.init_ring(buf, RING_RECORDS)
+        base = ring_addr(state)
+        for page in range(base, base + len(buf), PAGE):
+            emu.map_page(page, bytes(buf[page - base: page - base + PAGE]))
+    abort_at = _abort_pc(state, detour)
     region = detour.region
     for page in sorted(_pages(detour.slot_addr, len(detour.code))):
         if page not in emu.mapped:
@@ -477,8 +513,16 @@ def run_detour(pages: dict[int, bytes], state: State, detour) -> Outcome:
     last = region.insns[-1].addr
 
     def on_code(pc):
+        nonlocal abort_at
         if not detour.slot_addr <= pc < detour.end_addr:
             return ("exit", pc)
+        if pc == abort_at:
+            # kernel/rseq.c rseq_ip_fixup: rseq_cs cleared, rip = abort_ip
+            abort_at = None
+            emu.aborted = True
+            emu.uc.mem_write(TLS_BASE + RSEQ_OFFSET + 8, bytes(8))
+            emu.uc.reg_write(_UREG["rip"], detour.rseq[0][2])
+            return None
         if pc == detour.handler_addr:
             emu.phase = 0
         if pc == detour.reloc_addr:
@@ -552,6 +596,26 @@ def _compare_reads(orig: Outcome, det: Outcome, detour, limit: int) -> list[str]
     return [f"reads: original only {fmt(only_o)}; relocated only {fmt(only_r)}"]
 
 
+def _check_record(orig: Outcome, det: Outcome, state: State, handler, step: int) -> list[str]:
+    """The ring after one hit: head == step, record 0 whole (seq 1, probe id, nargs,
+    the site's argument registers; at an exit rax and rdx as the exit leaves them)."""
+
+    ring = ring_addr(state)
+    raw = bytes(det.emu.uc.mem_read(ring, RL.HEADER_SIZE + RL.RECORD_SIZE))
+    head = int.from_bytes(raw[RL.HEAD_OFFSET: RL.HEAD_OFFSET + 8], "little")
+    if head != step:
+        return [f"ring head {head}, expected {step}"]
+    if not step:
+        return []
+    seq, probe_id, nargs, _tsc, _thread, *args = RL.RECORD_STRUCT.unpack_from(raw, RL.HEADER_SIZE)
+    regs = handler.record_regs
+    want = [(orig.regs if handler.regs else state.regs)[r] for r in regs]
+    got = (seq, probe_id, nargs, args[:len(regs)])
+    if got != (1, PROBE_ID, len(regs), want):
+        return [f"record {got}, expected {(1, PROBE_ID, len(regs), want)}"]
+    return []
+
+
 def compare(orig: Outcome, det: Outcome, state: State, detour,
             handler: "x86.HandlerSpec") -> list[str]:
     """Human-readable differences between the two runs (empty: equivalent)."""
@@ -565,7 +629,7 @@ def compare(orig: Outcome, det: Outcome, state: State, detour,
         if a != b:
             diffs.append(f"xmm{i}: original {a:#x} relocated {b:#x}")
     counter: set[int] = set()
-    if handler.kind == "count":
+    if handler.kind in ("count", "record"):
         slot_addr = handler.counter_slot_addr(state.cpu_id)
         counter = set(range(slot_addr, slot_addr + 8))
         before = int.from_bytes(bytes(orig.emu.read_bytes(sorted(counter)).values()), "little")
@@ -577,6 +641,15 @@ def compare(orig: Outcome, det: Outcome, state: State, detour,
         if after != (before + step) & 0xFFFFFFFFFFFFFFFF:
             diffs.append(f"counter {slot_addr:#x} (cpu {state.cpu_id}): {before} -> {after}, "
                          f"expected +{step}")
+        rseq_cs = range(TLS_BASE + RSEQ_OFFSET + 8, TLS_BASE + RSEQ_OFFSET + 16)
+        touched = set(rseq_cs) & (det.extra_writes | det.writes)
+        if touched and any(det.emu.read_bytes(rseq_cs).values()):
+            diffs.append("rseq_cs left pointing at the detour")
+        counter |= set(rseq_cs)
+        if handler.kind == "record":
+            diffs += _check_record(orig, det, state, handler, step)
+            ring = ring_addr(state)
+            counter |= set(range(ring, ring + RL.ring_size(RING_RECORDS)))
     diffs += _compare_memory(orig, det, counter, state)
     diffs += _compare_reads(orig, det, detour, _scratch_limit(orig, state))
     if diffs and orig.stop[0] in ("error", "fault"):
@@ -686,10 +759,14 @@ def _build(builder: Builder, region, state: State, handler, result: SiteResult):
     return detour
 
 
-def _handlers(state: State) -> tuple:
+def _handlers(state: State, exit: bool = False) -> tuple:
     return (x86.HandlerSpec("none"),
             x86.HandlerSpec("count", counter_addr=state.counter_addr, ncpu_slots=NCPU_SLOTS,
-                            rseq_offset=RSEQ_OFFSET))
+                            rseq_offset=RSEQ_OFFSET),
+            x86.HandlerSpec("record", counter_addr=state.counter_addr, ncpu_slots=NCPU_SLOTS,
+                            rseq_offset=RSEQ_OFFSET, ring_addr=ring_addr(state),
+                            ring_mask=RING_RECORDS - 1, missed_addr=missed_addr(state),
+                            probe_id=PROBE_ID, regs=("rax", "rdx") if exit else None))
 
 
 MODULE_WIDE = "JUMP_INTO_RANGE from another function"
@@ -743,12 +820,13 @@ def check_site(image: CodeImage, site: Site, *, seed: int = 0, num_states: int =
         if bug:
             result.skipped = f"emulator: {bug}"
             return result
-        for handler in _handlers(state):
+        for handler in _handlers(state, exit):
             detour = _build(builder, region, state, handler, result)
             if isinstance(detour, x86.Refusal):
                 result.slot_refusals.append(detour.reason.name)
                 continue
-            diffs = compare(orig, run_detour(pages, state, detour), state, detour, handler)
+            diffs = compare(orig, run_detour(pages, state, detour, handler), state, detour,
+                            handler)
             if diffs:
                 result.mismatches.append(Mismatch(
                     image.path, func.name, site.addr, region.orig, [str(i) for i in region.insns],

@@ -4,6 +4,7 @@ A thin adapter: every decision lives in the pure modules of this package.
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Mapping
 
 from uprobe_opt import x86
@@ -86,4 +87,20 @@ class X86Ops:
         return x86.BREAKPOINT, region.orig[1:x86.JMP_REL32_SIZE]
 
     def handler_spec(self, kind: str, **kw):
+        kw.setdefault("flags_save", "lahf" if cpu_has_lahf() else "pushf")
         return x86.HandlerSpec(kind=kind, **kw)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_lahf() -> bool:
+    """LAHF/SAHF are valid in 64-bit mode (CPUID.80000001H:ECX[0], Linux's cpuinfo flag
+    ``lahf_lm``; missing only on the first x86-64 CPUs).  The tracer and the target run
+    on the same machine; unreadable cpuinfo counts as missing (pushfq is always valid)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "lahf_lm" in line.split()
+    except OSError:
+        pass
+    return False

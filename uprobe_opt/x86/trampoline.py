@@ -1,7 +1,12 @@
-"""Detours for optimized probes: save frame -> handler -> restore -> relocated region ->
+"""Detours for optimized probes: save -> handler -> restore -> relocated region ->
 jump back (design.md "Detour slot layout").
 
-Slot layout (all on the thread's own stack, so any number of threads may be inside)::
+count and record detours save only the registers their handler writes and keep the
+flags with lahf/seto ... add/sahf (lean.py, which also holds their bodies and the
+rseq per-CPU counter); their out-of-line parts (rseq abort handlers and descriptors,
+the full-ring path) follow the relocated region's jump back.  The python and none
+handlers use the whole-frame layout (all on the thread's own stack, so any number of
+threads may be inside)::
 
     lea  rsp, [rsp-128]          ; step over the SysV red zone (lea: flags untouched)
     push 0x2b / push rsp / pushfq
@@ -31,6 +36,7 @@ from .frame import (FRAME_FIELDS, FRAME_SIZE, GPR_FIELDS, RED_ZONE_SIZE, USER_CS
                     frame_offset)
 from .refusal import Reason, Refusal
 from .relocator import Relocator
+from . import lean
 from . import ringlayout as RL
 from .writer import INT32_MAX, INT32_MIN, TrampolineWriter, fits_rel32
 from .xol import JMP_REL32_SIZE, SLOT_SIZE, jump_bytes
@@ -43,11 +49,18 @@ COUNTER_STRIDE = 64      # bytes between per-CPU counters: one cache line each
 class HandlerSpec:
     """What the handler part of a detour does.
 
-    ``count``: ``lock inc`` of the u64 at ``counter_addr + (cpu & (ncpu_slots-1)) * 64``
-    where cpu is ``struct rseq.cpu_id`` read at ``fs:[rseq_offset + 4]`` (glibc's
-    ``__rseq_offset``); with ``rseq_offset`` None or one slot, always slot 0.  The sum
-    over slots is exact with any number of threads.  ``python``: one int3 after the
-    frame is saved.  ``none``: nothing (the detour is then a pure relocation).
+    ``count``: one hit into the counter at ``counter_addr`` (lean.py).  With
+    ``rseq_offset`` (glibc's ``__rseq_offset``: struct rseq at ``fs:[rseq_offset]``) the
+    counter has ``ncpu_slots + 1`` u64 slots 64 bytes apart: slot ``cpu`` for
+    0 <= cpu_id < ncpu_slots, incremented without a lock inside a restartable
+    sequence, and slot ``ncpu_slots`` for threads without a registered rseq area
+    (``lock inc``); without ``rseq_offset`` one slot and ``lock inc``.  The sum over
+    slots is exact with any number of threads (:attr:`counter_slots`).  ``python``: one
+    int3 after a whole pt_regs frame is saved.  ``none``: the frame is saved and
+    restored, nothing else.
+
+    ``flags_save``: "lahf" (``lahf``/``seto`` and ``add al,0x7f``/``sahf``) or "pushf"
+    (pushfq/popfq, for CPUs without LAHF in 64-bit mode) for count and record.
 
     ``record``: counts the hit exactly like ``count``, then appends one record to the
     ring whose header page is at ``ring_addr`` (layout and protocol: ringlayout.py):
@@ -71,6 +84,7 @@ class HandlerSpec:
     nargs: int = RL.MAX_ARGS
     regs: tuple[str, ...] | None = None
     tid_offset: int | None = None
+    flags_save: str = "lahf"
 
     def __post_init__(self):
         if self.kind not in HANDLER_KINDS:
@@ -78,6 +92,8 @@ class HandlerSpec:
         n = self.ncpu_slots
         if n < 1 or n & (n - 1):
             raise ValueError(f"ncpu_slots must be a power of two, not {n}")
+        if self.flags_save not in ("lahf", "pushf"):
+            raise ValueError(f"flags_save must be 'lahf' or 'pushf', not {self.flags_save!r}")
         if self.kind == "record":
             RL.check_nrecords(self.ring_mask + 1)
             if not 0 <= self.nargs <= RL.MAX_ARGS:
@@ -96,9 +112,23 @@ class HandlerSpec:
         registers."""
         return self.regs if self.regs is not None else RL.ARG_REGS[:self.nargs]
 
+    @property
+    def per_cpu(self) -> bool:
+        """Per-CPU slots in a restartable sequence (else one slot, lock inc)."""
+        return self.rseq_offset is not None
+
+    @property
+    def counter_slots(self) -> int:
+        """u64 slots (64 bytes apart) the counter at ``counter_addr`` must have."""
+        return self.ncpu_slots + 1 if self.per_cpu else 1
+
     def counter_slot_addr(self, cpu: int) -> int:
-        """Address of the counter the detour increments on CPU ``cpu``."""
-        return self.counter_addr + (cpu & (self.ncpu_slots - 1)) * COUNTER_STRIDE
+        """Address of the counter slot a hit increments when ``struct rseq.cpu_id`` reads
+        ``cpu`` (a signed value: -1/-2 mean not registered)."""
+        if not self.per_cpu:
+            return self.counter_addr
+        index = cpu if 0 <= cpu < self.ncpu_slots else self.ncpu_slots
+        return self.counter_addr + index * COUNTER_STRIDE
 
 
 @dataclass(frozen=True)
@@ -116,6 +146,8 @@ class Detour:
     relocated: tuple[tuple[Insn, str], ...]
     handler_addr: int | None = None   # exit detours: where the frame save starts (the
                                       # relocated instructions before it run first)
+    rseq: tuple[tuple[int, int, int], ...] = ()   # (start_ip, post_commit_ip, abort_ip)
+                                      # of each restartable sequence (lean.py)
 
     @property
     def jump(self) -> bytes:
@@ -163,152 +195,25 @@ def put_restore_frame(w: TrampolineWriter) -> None:
 
 
 # -- handler parts ----------------------------------------------------------------------
-def put_count_handler(w: TrampolineWriter, spec: HandlerSpec, scratch: str = "rcx",
-                      base: tuple[str, int] | None = None) -> None:
-    """lock inc of this CPU's counter; rax, ``scratch`` and flags are clobbered (saved in
-    the frame).  cpu_id may be -1/-2 (rseq not registered): masked, that is still a
-    valid slot.  ``base`` = (register, the address it holds): address the counter
-    relative to it when in disp32 reach (saves loading the counter's address)."""
-    per_cpu = spec.ncpu_slots > 1 and spec.rseq_offset is not None
-    if per_cpu:
-        # mov eax, dword ptr fs:[disp32]: SIB form without base (mod=00 rm=100 base=101),
-        # since mod=00 rm=101 means RIP-relative in 64-bit mode (SDM vol. 2A, 2.2.1.6).
-        disp = spec.rseq_offset + 4
-        w.put_bytes(b"\x64\x8b\x04\x25" + disp.to_bytes(4, "little", signed=True))
-        w.put_asm(f"and eax, {spec.ncpu_slots - 1}")
-        w.put_asm("shl eax, 6")
-        assert COUNTER_STRIDE == 64
-    if base is not None and _fits_disp32(spec.counter_addr - base[1]):
-        index = " + rax" if per_cpu else ""
-        w.put_asm(f"lock inc qword ptr [{base[0]}{index} + {spec.counter_addr - base[1]}]")
-    elif per_cpu or not fits_rel32(w.pc + 8, spec.counter_addr):
-        if fits_rel32(w.pc + 7, spec.counter_addr):
-            put_lea_riprel(w, scratch, spec.counter_addr)
-        else:
-            w.put_asm(f"movabs {scratch}, {spec.counter_addr:#x}")
-        w.put_asm(f"lock inc qword ptr [{scratch} + rax]" if per_cpu
-                  else f"lock inc qword ptr [{scratch}]")
-    else:
-        w.put_riprel(b"\xf0\x48\xff\x05", spec.counter_addr)        # lock inc qword [rip+X]
-
-
-_REG_NUM = {name: i for i, name in enumerate(
-    ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
-     "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"))}
-
-
-def put_lea_riprel(w: TrampolineWriter, reg: str, target: int) -> None:
-    """lea reg, [rip + target - next]: REX.W(+R) 8d /r with mod=00 rm=101 (SDM 2A 2.2.1.6)."""
-    num = _REG_NUM[reg]
-    w.put_riprel(bytes([0x48 | (num >> 3) << 2, 0x8D, 0x05 | (num & 7) << 3]), target)
-
-
-def put_load_addr(w: TrampolineWriter, reg: str, addr: int) -> None:
-    """reg = addr: rip-relative lea (7 bytes) when in reach, else movabs (10)."""
-    if fits_rel32(w.pc + 7, addr):
-        put_lea_riprel(w, reg, addr)
-    else:
-        w.put_asm(f"movabs {reg}, {addr:#x}")
-
-
-def put_record_handler(w: TrampolineWriter, spec: HandlerSpec) -> None:
-    """Count the hit, then append a record to the ring (ringlayout.py, Vyukov's bounded
-    queue).  Registers: r10 = ring header, rax = pos (cmpxchg's implicit operand),
-    rbx = slot, rbp = seq - pos, then pos + 1.  None of them is an argument register:
-    at this point rdi, rsi, rdx, rcx, r8, r9 still hold the site values (put_save_frame
-    clobbers no GPR, and the count part here uses rax/r11), identical to the frame's
-    copies, so the arguments are stored straight from the registers (4 bytes each
-    instead of 9 for a load from the frame plus a store; that keeps the detour in a
-    SLOT_SIZE-byte slot)."""
-    assert RL.ARG_REGS == ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
-    retry, reload, full, done = (w.new_label(h) for h in ("retry", "reload", "full", "done"))
-    # 1. The hit counter, before the ring: the tracer may check records + missed == hits
-    #    (r10 first: the counter is usually within disp32 of the ring, no second address).
-    put_load_addr(w, "r10", spec.ring_addr)
-    put_count_handler(w, spec, scratch="r11", base=("r10", spec.ring_addr))
-    # 2. Reserve a slot: pos = head; s = rec[pos & mask].seq
-    w.put_label(reload)
-    w.put_asm(f"mov rax, qword ptr [r10 + {RL.HEAD_OFFSET}]")
-    w.put_label(retry)                      # a failed cmpxchg left the new head in rax
-    w.put_asm("mov ebx, eax")
-    w.put_asm(f"and ebx, {spec.ring_mask:#x}")             # 32-bit: ring_mask < 2**32
-    w.put_asm(f"imul rbx, rbx, {RL.RECORD_SIZE}")
-    w.put_asm(f"lea rbx, [r10 + rbx + {RL.HEADER_SIZE}]")
-    w.put_asm(f"mov rbp, qword ptr [rbx + {RL.SEQ_OFFSET}]")
-    w.put_asm("sub rbp, rax")
-    w.put_jcc_rel8(0x8, full)              # js: s - pos < 0, last lap's record: full
-    w.put_jcc_rel8(0x5, reload)            # jne: s > pos, another producer took it
-    w.put_asm("lea rbp, [rax + 1]")
-    w.put_asm(f"lock cmpxchg qword ptr [r10 + {RL.HEAD_OFFSET}], rbp")
-    w.put_jcc_rel8(0x5, retry)             # jne: lost the race; rax = current head
-    # 3. The slot is ours: fields, then seq = pos + 1 as the LAST store (release).
-    put_record_fields(w, spec)
-    w.put_asm(f"mov qword ptr [rbx + {RL.SEQ_OFFSET}], rbp")
-    w.put_jmp_rel8(done)
-    # 4. Full: drop the record, count it.
-    w.put_label(full)
-    put_lock_inc(w, spec.missed_addr, base=("r10", spec.ring_addr), scratch="r11")
-    w.put_label(done)
-
-
-def put_record_fields(w: TrampolineWriter, spec: HandlerSpec) -> None:
-    """Fill the slot at rbx except seq.  The argument registers are stored first:
-    rdtsc overwrites rdx.  Registers the handler has clobbered (rax, rbx, rbp, r10,
-    r11) and rsp (moved by the frame) are copied from the frame at rsp, through r11."""
-    regs = spec.record_regs
-    for i, reg in enumerate(regs):
-        dest = f"qword ptr [rbx + {RL.ARGS_OFFSET + 8 * i}]"
-        if reg in RL.ARG_REGS:
-            w.put_asm(f"mov {dest}, {reg}")
-        else:
-            w.put_asm(f"mov r11, qword ptr [rsp + {frame_offset(reg)}]")
-            w.put_asm(f"mov {dest}, r11")
-    assert RL.NARGS_OFFSET == RL.PROBE_ID_OFFSET + 4
-    w.put_asm(f"movabs rax, {len(regs) << 32 | spec.probe_id:#x}")
-    w.put_asm(f"mov qword ptr [rbx + {RL.PROBE_ID_OFFSET}], rax")
-    w.put_bytes(b"\x0f\x31")                                        # rdtsc: edx:eax
-    w.put_asm(f"mov dword ptr [rbx + {RL.TSC_OFFSET}], eax")
-    w.put_asm(f"mov dword ptr [rbx + {RL.TSC_OFFSET + 4}], edx")
-    if spec.tid_offset is not None:
-        # mov eax, dword ptr fs:[tid_offset]: the kernel tid in the thread's own
-        # descriptor (glibc struct pthread.tid, ringlayout.py THREAD); a 32-bit load
-        # zero-extends into rax.  SIB without base, as in put_count_handler.
-        w.put_bytes(b"\x64\x8b\x04\x25" + spec.tid_offset.to_bytes(4, "little", signed=True))
-    else:
-        # mov rax, qword ptr fs:[0]: the TCB self-pointer == fs base (ringlayout.py
-        # FS_BASE).
-        w.put_bytes(b"\x64\x48\x8b\x04\x25\x00\x00\x00\x00")
-    w.put_asm(f"mov qword ptr [rbx + {RL.FS_BASE_OFFSET}], rax")
-
-
-def _fits_disp32(disp: int) -> bool:
-    return INT32_MIN <= disp <= INT32_MAX
-
-
-def put_lock_inc(w: TrampolineWriter, addr: int, base: tuple[str, int], scratch: str) -> None:
-    """lock inc qword [addr], the shortest way: [base_reg + disp] when ``addr`` is
-    within disp32 of the value already in base_reg, else [rip+X], else via movabs."""
-    reg, value = base
-    if _fits_disp32(addr - value):
-        w.put_asm(f"lock inc qword ptr [{reg} + {addr - value}]")
-    elif fits_rel32(w.pc + 8, addr):
-        w.put_riprel(b"\xf0\x48\xff\x05", addr)                    # lock inc qword [rip+X]
-    else:
-        w.put_asm(f"movabs {scratch}, {addr:#x}")
-        w.put_asm(f"lock inc qword ptr [{scratch}]")
-
-
-def put_handler(w: TrampolineWriter, spec: HandlerSpec) -> int | None:
-    """Emit the handler part; returns the trap address for "python"."""
+def put_handler(w: TrampolineWriter, spec: HandlerSpec, probe_addr: int,
+                tail: lean.Tail) -> int | None:
+    """Emit the handler part with its saves; returns the trap address for "python".
+    count and record save only what they clobber (lean.py); python and none save and
+    restore the whole frame.  ``tail`` collects out-of-line code (emitted after the
+    detour's last jump)."""
     if spec.kind == "count":
-        put_count_handler(w, spec)
-    elif spec.kind == "record":
-        put_record_handler(w, spec)
-    elif spec.kind == "python":
+        lean.put_count(w, spec, tail)
+        return None
+    if spec.kind == "record":
+        lean.put_record(w, spec, tail)
+        return None
+    put_save_frame(w, probe_addr)
+    trap = None
+    if spec.kind == "python":
         trap = w.pc
         w.put_bytes(b"\xcc")
-        return trap
-    return None
+    put_restore_frame(w)
+    return trap
 
 
 # -- the detour ---------------------------------------------------------------------------
@@ -339,13 +244,13 @@ def build_detour(region: Region, slot_addr: int, handler: HandlerSpec) -> Detour
         return Refusal(Reason.DETOUR_TOO_FAR, region.addr,
                        f"no detour page within +-2 GiB of 0x{region.addr:x}")
     w = TrampolineWriter(slot_addr)
-    put_save_frame(w, region.addr)
-    trap_addr = put_handler(w, handler)
-    put_restore_frame(w)
+    tail = lean.Tail()
+    trap_addr = put_handler(w, handler, region.addr, tail)
     reloc_addr = w.pc
     spans = _relocate_region(w, region)
     if isinstance(spans, Refusal):
         return spans
+    tail.emit(w)
     code = w.finish()
     if len(code) > SLOT_SIZE:
         return Refusal(Reason.NOT_RELOCATABLE, region.addr,
@@ -359,7 +264,8 @@ def build_detour(region: Region, slot_addr: int, handler: HandlerSpec) -> Detour
             relocated.append((prev_insn, f"{prev_text}; {text}"))
         else:
             relocated.append((insn, text))
-    return Detour(slot_addr, code, region, trap_addr, reloc_addr, tuple(relocated))
+    return Detour(slot_addr, code, region, trap_addr, reloc_addr, tuple(relocated),
+                  rseq=tuple(tail.rseq))
 
 
 # -- exit detours (return probes; see exits.py) ------------------------------------------
@@ -385,19 +291,20 @@ def build_exit_detour(region: Region, slot_addr: int, handler: HandlerSpec
             return refusal
         spans.append((insn, start, w.offset))
     handler_addr = w.pc
-    put_save_frame(w, exit_insn.addr)
-    trap_addr = put_handler(w, handler)
-    put_restore_frame(w)
+    tail = lean.Tail()
+    trap_addr = put_handler(w, handler, exit_insn.addr, tail)
     reloc_addr = w.pc
     start = w.offset
     refusal = relocator.write_one(exit_insn, is_last=True)
     if refusal is not None:
         return refusal
     spans.append((exit_insn, start, w.offset))
+    tail.emit(w)
     code = w.finish()
     if len(code) > SLOT_SIZE:
         return Refusal(Reason.NOT_RELOCATABLE, region.addr,
                        f"the exit detour for 0x{exit_insn.addr:x} needs {len(code)} bytes, "
                        f"more than a {SLOT_SIZE}-byte slot")
     relocated = tuple((insn, _render(code, slot_addr, s, e)) for insn, s, e in spans)
-    return Detour(slot_addr, code, region, trap_addr, reloc_addr, relocated, handler_addr)
+    return Detour(slot_addr, code, region, trap_addr, reloc_addr, relocated, handler_addr,
+                  rseq=tuple(tail.rseq))
