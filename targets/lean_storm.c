@@ -5,7 +5,8 @@
  * Usage:       lean_storm migrate [N=8] [M=200000]
  *                  N workers call hit(t, i) for i < M; a flipper thread moves every
  *                  worker between CPU 0 and CPU 1 (sched_setaffinity) every 0.5 ms until
- *                  all are done.  Prints "migrate: N x M calls, total=T" (T = sum of
+ *                  all are done; each worker waits for the next flip every M/20
+ *                  calls, so every worker sees at least 20 flips.  Prints "migrate: N x M calls, total=T" (T = sum of
  *                  t*1000 + i); on stderr "migrate: flips=F cpus_seen=C".
  *              lean_storm alarm [K=2000]
  *                  the main thread calls hit(0, i) for i = 0, 1, ... while an interval
@@ -26,6 +27,8 @@
 #include <sys/time.h>
 #include <time.h>
 
+#define CHECKPOINTS 20
+
 __attribute__((noipa)) long hit(int thread, int i)
 {
     return (long)thread * 1000 + i;
@@ -38,6 +41,7 @@ static int done;                 /* workers finished (a joinable thread's handle
 static pthread_t *workers;
 static volatile unsigned long cpus_seen;
 static int started;
+static long flips_now;             /* flips so far: workers pace themselves on it */
 
 static void *worker(void *arg)
 {
@@ -45,7 +49,11 @@ static void *worker(void *arg)
     long sum = 0;
     while (!__atomic_load_n(&started, __ATOMIC_ACQUIRE))
         sched_yield();                     /* the flipper is running */
+    long step = m_calls / CHECKPOINTS > 0 ? m_calls / CHECKPOINTS : 1;
     for (long i = 0; i < m_calls; i++) {
+        if (i % step == 0)          /* at least CHECKPOINTS flips during the calls */
+            while (__atomic_load_n(&flips_now, __ATOMIC_ACQUIRE) < i / step)
+                sched_yield();
         sum += hit(t, (int)i);
         if ((i & 4095) == 0) {
             int cpu = sched_getcpu();
@@ -74,6 +82,7 @@ static void *flipper(void *arg)
             pthread_setaffinity_np(workers[t], sizeof one, &one);
         }
         flips++;
+        __atomic_store_n(&flips_now, flips, __ATOMIC_RELEASE);
         struct timespec ts = {0, 500000};
         nanosleep(&ts, NULL);
     }

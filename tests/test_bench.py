@@ -58,6 +58,15 @@ def test_bench_overhead_quick(tmp_path):
     # every optional configuration either ran or says why it could not
     for cfg in ("kernel", "gdb", "opt-record"):
         assert f"{cfg}@1" in doc["results"] or cfg in doc["unavailable"], cfg
+    # the two reference detours count exactly too; ours / reference is printed
+    for cfg in ("ref-lockinc", "ref-rseq"):
+        if cfg in doc["unavailable"]:
+            continue
+        for nt in (1, 4):
+            res = doc["results"][f"{cfg}@{nt}"]
+            assert not res["errors"] and all(s["hits"] == s["n"] * nt for s in res["samples"])
+        assert f"opt-count/{cfg}@1" in doc["ratios"], cfg
+    assert doc["machine"]["cpu_model"] and "CPU: " in proc.stdout
 
 
 def test_bench_setup_quick(tmp_path):

@@ -51,10 +51,14 @@ def build_parser():
     add_top(sub)
 
     ex = sub.add_parser("explain", help="show how each probe site would be optimized",
-                        usage="uprobe-opt explain [-p PID | BINARY] PROBE... [--json]")
+                        usage="uprobe-opt explain [-p PID | BINARY] PROBE... [--json] "
+                              "[--detour[=KIND]]")
     ex.add_argument("-p", "--pid", type=int)
     ex.add_argument("items", nargs="+", metavar="[BINARY] PROBE")
     ex.add_argument("--json", action="store_true")
+    ex.add_argument("--detour", nargs="?", const="all", metavar="KIND",
+                    help="list the detour as it would be written, per handler "
+                         "(count, record, python; default all)")
 
     from uprobe_opt.relocheck_args import add_parser as add_check_reloc
     add_check_reloc(sub)

@@ -17,12 +17,18 @@ from uprobe_opt.errors import SymbolError, UsageError
 from uprobe_opt.symbols import SymbolResolver
 
 
-def explain_site(resolver: SymbolResolver, spec: str, maps=None) -> dict:
-    """Analyse one probe spec; returns a JSON-ready dict (addresses as hex strings)."""
-    return analyse_site(resolver, resolver.resolve(spec), spec, maps)
+DETOUR_KINDS = ("count", "record", "python")
 
 
-def analyse_site(resolver: SymbolResolver, site, spec: str, maps=None) -> dict:
+def explain_site(resolver: SymbolResolver, spec: str, maps=None,
+                 detours: tuple[str, ...] = ()) -> dict:
+    """Analyse one probe spec; returns a JSON-ready dict (addresses as hex strings).
+    ``detours``: handler kinds whose whole detour is listed (``detours`` key)."""
+    return analyse_site(resolver, resolver.resolve(spec), spec, maps, detours)
+
+
+def analyse_site(resolver: SymbolResolver, site, spec: str, maps=None,
+                 detours: tuple[str, ...] = ()) -> dict:
     """Analyse one resolved symbols.Site (see explain_site); SymbolError when its
     address is not an instruction boundary."""
     arch = load_arch()
@@ -76,6 +82,9 @@ def analyse_site(resolver: SymbolResolver, site, spec: str, maps=None) -> dict:
         return out
     out["relocated"] = [{"insn": str(i), "relocated": text} for i, text in detour.relocated]
     out["optimizable"] = True
+    if detours:
+        out["detours"] = detour_listings(arch, arch.prepare, region, slot, detours,
+                                         resolver.pid)
     return out
 
 
@@ -87,6 +96,73 @@ def _usdt_verdict(out: dict, usdt) -> dict:
                    "args": usdt.args_text, "args_error": usdt.args_error}
     out["reason"] = USDT_REFUSAL
     return out
+
+
+def _rseq_offset(pid: int | None) -> tuple[int | None, str]:
+    """glibc's __rseq_offset of process ``pid`` (read from /proc/PID/mem, no stop), or
+    without a process our own (the same libc as a program on this machine)."""
+    import ctypes
+    import struct
+    if pid is not None:
+        try:
+            from uprobe_opt.symbols import SymbolResolver as _R
+            addr = _R(pid=pid).find_data_symbol("__rseq_offset", lib="ld-linux-x86-64.so.2")
+            with open(f"/proc/{pid}/mem", "rb") as f:
+                f.seek(addr)
+                (off,) = struct.unpack("<q", f.read(8))
+            return off or None, f"__rseq_offset of process {pid}"
+        except Exception:
+            return None, f"process {pid} has no readable __rseq_offset"
+    try:
+        off = ctypes.c_long.in_dll(ctypes.CDLL(None), "__rseq_offset").value
+        return off or None, "__rseq_offset of this machine's glibc"
+    except (ValueError, OSError):
+        return None, "no __rseq_offset in this machine's glibc"
+
+
+def detour_listings(arch, prepare, region, slot: int, kinds, pid: int | None,
+                    regs: tuple[str, ...] | None = None) -> dict:
+    """{kind: {"note", "lines": [{section, addr, bytes, text}]}} for each handler kind:
+    the detour as it would be written at ``slot``, counter and ring at hypothetical
+    addresses in the detour's data pages."""
+    rseq, how = _rseq_offset(pid)
+    ncpu = 1 << max(0, (os.cpu_count() or 1) - 1).bit_length()
+    counter, ring, missed = slot + 0x10000, slot + 0x20000, slot + 0x10000 + 64 * (ncpu + 1)
+    specs = {
+        "count": arch.handler_spec("count", counter_addr=counter, ncpu_slots=ncpu,
+                                   rseq_offset=rseq),
+        "record": arch.handler_spec("record", counter_addr=counter, ncpu_slots=ncpu,
+                                    rseq_offset=rseq, ring_addr=ring, ring_mask=(1 << 16) - 1,
+                                    missed_addr=missed, regs=regs),
+        "python": arch.handler_spec("python"),
+    }
+    note = (f"counter at {counter:#x} ({ncpu} per-CPU slots + 1 shared"
+            f"{'' if rseq is not None else ', no rseq: lock inc'}; {how}: "
+            f"{rseq if rseq is not None else '-'}), ring at {ring:#x} (hypothetical)")
+    out = {}
+    for kind in kinds:
+        detour = prepare(region, slot, specs[kind])
+        if not hasattr(detour, "code"):
+            out[kind] = {"note": str(detour), "lines": []}
+            continue
+        out[kind] = {"note": note if kind != "python" else
+                     "the whole pt_regs frame, then int3 (the tracer runs the handler)",
+                     "bytes": len(detour.code),
+                     "lines": [{"section": sec, "addr": f"{a:#x}", "bytes": b.hex(),
+                                "text": t} for sec, a, b, t in arch.detour_listing(detour)]}
+    return out
+
+
+def _print_detours(detours: dict, w, indent: str = "  ") -> None:
+    for kind, d in detours.items():
+        w(f"{indent}detour, {kind} handler"
+          + (f" ({d['bytes']} bytes)" if "bytes" in d else "") + f": {d['note']}\n")
+        section = None
+        for line in d["lines"]:
+            if line["section"] != section:
+                section = line["section"]
+                w(f"{indent}  {section}:\n")
+            w(f"{indent}    {line['addr']}  {line['bytes'][:24]:<24} {line['text']}\n")
 
 
 def _slot_for(addr: int, maps) -> tuple[int | None, str]:
@@ -128,13 +204,13 @@ def cmd_explain(args) -> int:
             expanded.append(spec)
     for spec in expanded:
         if split_return_spec(spec)[1]:
-            res = explain_return(resolver, spec, maps)
+            res = explain_return(resolver, spec, maps, _kinds(args))
             if args.json:
                 print(json.dumps({"event": "explain", **res}))
             else:
                 _print_return_text(res)
             continue
-        res = explain_site(resolver, spec, maps)
+        res = explain_site(resolver, spec, maps, _kinds(args))
         if args.json:
             print(json.dumps({"event": "explain", **res}))
         else:
@@ -142,7 +218,20 @@ def cmd_explain(args) -> int:
     return 0
 
 
-def explain_return(resolver: SymbolResolver, spec: str, maps=None) -> dict:
+def _kinds(args) -> tuple[str, ...]:
+    """--detour [KIND]: every handler kind, or the one named."""
+    chosen = getattr(args, "detour", None)
+    if chosen is None:
+        return ()
+    if chosen == "all":
+        return DETOUR_KINDS
+    if chosen not in DETOUR_KINDS:
+        raise UsageError(f"--detour takes one of {', '.join(DETOUR_KINDS)}, not {chosen!r}")
+    return (chosen,)
+
+
+def explain_return(resolver: SymbolResolver, spec: str, maps=None,
+                   detours: tuple[str, ...] = ()) -> dict:
     """``SPEC%return``: the function's entry (where a recording handler pairs its
     calls) and every exit, each with its region, its exit detour and whether it is
     jump-optimizable, or the reason it stays int3.  Raises SymbolError when the spec is
@@ -163,14 +252,16 @@ def explain_return(resolver: SymbolResolver, spec: str, maps=None) -> dict:
     pads = resolver.landing_pads(site.func_addr, site.func_size)
     out = {"probe": spec, "address": f"{site.addr:#x}", "symbol": site.symbol,
            "function": {"addr": f"{site.func_addr:#x}", "size": site.func_size},
-           "entry": explain_site(resolver, base, maps), "exits": [], "notes": notes}
+           "entry": explain_site(resolver, base, maps, detours), "exits": [], "notes": notes}
     entry_addr = int(out["entry"].get("patched_address", out["address"]), 16)
     for point in exits:
-        out["exits"].append(_explain_exit(arch, code, site, point, entry_addr, pads, maps))
+        out["exits"].append(_explain_exit(arch, code, site, point, entry_addr, pads, maps,
+                                          detours, resolver.pid))
     return out
 
 
-def _explain_exit(arch, code, site, point, entry_addr, pads, maps) -> dict:
+def _explain_exit(arch, code, site, point, entry_addr, pads, maps, detours=(),
+                  pid=None) -> dict:
     """One exit: what a hit there records (the return value and rsp; a tail call's
     value is the callee's) and how it is probed."""
     gets = ("rax (return value), rdx, rsp (the return-address slot, matched with the "
@@ -203,6 +294,9 @@ def _explain_exit(arch, code, site, point, entry_addr, pads, maps) -> dict:
         return res
     res["relocated"] = [{"insn": str(i), "relocated": t} for i, t in detour.relocated]
     res["optimizable"] = True
+    if detours:
+        res["detours"] = detour_listings(arch, arch.prepare_exit, region, slot, detours, pid,
+                                         arch.exit_regs())
     return res
 
 
@@ -214,6 +308,8 @@ def _print_return_text(res: dict, file=None) -> None:
     state = "optimizable" if entry["optimizable"] else f"int3: {entry['reason']}"
     w(f"  entry at {entry.get('patched_address', entry['address'])} (records the "
       f"arguments and rsp for latency): {state}\n")
+    if entry.get("detours"):
+        _print_detours(entry["detours"], w, "    ")
     for ex in res["exits"]:
         w(f"  {ex['exit']} ({ex['address']}: {ex['insn']})\n")
         w(f"    gets: {ex['gets']}\n")
@@ -227,6 +323,8 @@ def _print_return_text(res: dict, file=None) -> None:
             for r in ex["relocated"]:
                 w(f"      {r['insn']:<40} -> {r['relocated']}\n")
         w("    optimizable\n" if ex["optimizable"] else f"    int3: {ex['reason']}\n")
+        if ex.get("detours"):
+            _print_detours(ex["detours"], w, "    ")
     for note in res["notes"]:
         w(f"  note: {note}\n")
     if not res["exits"]:
@@ -256,3 +354,5 @@ def _print_text(res: dict, file=None) -> None:
     if res["detour"]:
         w(f"  detour: {res['detour']}\n")
     w("  optimizable\n" if res["optimizable"] else f"  int3: {res['reason']}\n")
+    if res.get("detours"):
+        _print_detours(res["detours"], w)

@@ -13,14 +13,14 @@ run twice in unicorn from the same randomized state:
 
 and compares: the 16 GPRs, the arithmetic flags and DF, xmm0-15, every byte either run
 wrote (the red zone ``[rsp-128, rsp)`` included), the addresses the region read, and
-where control goes next (the same absolute address).  Every state runs the detour three
-times, with ``HandlerSpec("none")``, with a per-CPU ``count`` handler and with a
-``record`` handler (a 4-record ring): the counter increment, the record (checked field
-by field against the state at the site) and the rseq_cs word (0 again afterwards) must
-be the only extra writes besides the detour's scratch below the red zone.  In every
-other state the detour's restartable sequence is aborted once, at one of its
-instructions, the way the kernel does it (rseq_cs cleared, rip = abort_ip): the count
-must still grow by exactly one.
+where control goes next (the same absolute address).  Every state runs the detour twice,
+with ``HandlerSpec("none")`` and with a per-CPU ``count`` handler (even states) or a
+``record`` handler (odd states, a 4-record ring): the counter increment, the record
+(checked field by field against the state at the site) and the rseq_cs word (0 again
+afterwards) must be the only extra writes besides the detour's scratch below the red
+zone.  In states 0, 1, 4, 5, ... the detour's restartable sequence is aborted once, at
+one of its instructions, the way the kernel does it (rseq_cs cleared, rip = abort_ip):
+the count must still grow by exactly one.
 
 Memory is mapped on demand: any page either run touches is filled from a function of
 (state, page address) only, so both runs see the same bytes wherever they look.  Pages
@@ -481,11 +481,11 @@ def missed_addr(state: State) -> int:
 def _abort_pc(state: State, detour) -> int | None:
     """The instruction of the detour's first restartable sequence at which this state
     is preempted (every other state), or None."""
-    if not detour.rseq or state.index % 2:
+    if not detour.rseq or (state.index // 2) % 2:
         return None
     start, post, _ = detour.rseq[0]
     insns = x86.decode(detour.code[start - detour.slot_addr: post - detour.slot_addr], start)
-    return insns[(state.index // 2) % len(insns)].addr
+    return insns[random.Random(state.fill_seed).randrange(len(insns))].addr
 
 
 def run_detour(pages: dict[int, bytes], state: State, detour, handler=None) -> Outcome:
@@ -760,9 +760,13 @@ def _build(builder: Builder, region, state: State, handler, result: SiteResult):
 
 
 def _handlers(state: State, exit: bool = False) -> tuple:
+    """``none`` in every state; ``count`` in even states, ``record`` in odd ones (both
+    run the same counter code: one run each keeps the check's time)."""
+    if state.index % 2 == 0:
+        return (x86.HandlerSpec("none"),
+                x86.HandlerSpec("count", counter_addr=state.counter_addr,
+                                ncpu_slots=NCPU_SLOTS, rseq_offset=RSEQ_OFFSET))
     return (x86.HandlerSpec("none"),
-            x86.HandlerSpec("count", counter_addr=state.counter_addr, ncpu_slots=NCPU_SLOTS,
-                            rseq_offset=RSEQ_OFFSET),
             x86.HandlerSpec("record", counter_addr=state.counter_addr, ncpu_slots=NCPU_SLOTS,
                             rseq_offset=RSEQ_OFFSET, ring_addr=ring_addr(state),
                             ring_mask=RING_RECORDS - 1, missed_addr=missed_addr(state),

@@ -79,6 +79,10 @@ class ArchOps(Protocol):
     def unoptimize(self, region: Any) -> tuple[bytes, bytes]:
         """(head, tail): the breakpoint byte to write first, then the original tail."""
 
+    def detour_listing(self, detour: Any) -> list[tuple[str, int, bytes, str]]:
+        """The detour as written: (section, address, bytes, text) per instruction or
+        data item, in address order (``uprobe-opt explain --detour``)."""
+
     def handler_spec(self, kind: str, **kw: Any) -> Any:
         """Arch description of the in-detour handler part (count, python, ...)."""
 

@@ -178,14 +178,19 @@ class Tail:
 
     def __init__(self):
         self.parts: list = []
-        self.rseq: list[tuple[int, int, str]] = []    # (start_ip, post_commit_ip, abort label)
+        self.rseq: list[tuple[int, int, int]] = []    # (start_ip, post_commit_ip, abort_ip)
+        self.data: list[tuple[int, int, str]] = []    # (addr, size, what): not code
+        self.start: int | None = None                 # where the out-of-line part starts
+        self.end: int | None = None
 
     def add(self, fn) -> None:
         self.parts.append(fn)
 
     def emit(self, w: TrampolineWriter) -> None:
+        self.start = w.pc
         for fn in self.parts:
             fn(w)
+        self.end = w.pc
 
 
 def put_counter_inc(w: TrampolineWriter, spec, tail: Tail, idx: str, base: str) -> None:
@@ -227,16 +232,24 @@ def put_counter_inc(w: TrampolineWriter, spec, tail: Tail, idx: str, base: str) 
         w2.put_jmp_rel32(done)
         # ud1 edi, [rip + RSEQ_SIG]: glibc's abort-handler prefix, the signature being
         # the last 4 bytes before abort_ip (the kernel checks them before jumping).
+        tail.data.append((w2.pc, 7, f"ud1 edi, [rip + {RSEQ_SIG:#x}]: the abort signature "
+                                    "(RSEQ_SIG, the 4 bytes before abort_ip)"))
         w2.put_bytes(b"\x0f\xb9\x3d" + RSEQ_SIG.to_bytes(4, "little"))
         w2.put_label(abort)
         w2.put_jmp_rel32(restart)                   # the kernel cleared rseq_cs: set again
-        w2.put_bytes(b"\xcc" * (-w2.offset % RSEQ_CS_ALIGN))
+        pad = -w2.offset % RSEQ_CS_ALIGN
+        if pad:
+            tail.data.append((w2.pc, pad, f"int3 x {pad} (alignment)"))
+        w2.put_bytes(b"\xcc" * pad)
         w2.put_label(desc)
         abort_ip = w2.label_addr(abort)
         # struct rseq_cs: u32 version 0, u32 flags 0, u64 start_ip,
         # u64 post_commit_offset, u64 abort_ip
         w2.put_bytes(bytes(8) + start.to_bytes(8, "little") + (post - start).to_bytes(8, "little")
                      + abort_ip.to_bytes(8, "little"))
+        tail.data.append((w2.label_addr(desc), 32,
+                          f"struct rseq_cs {{version 0, flags 0, start_ip {start:#x}, "
+                          f"post_commit_offset {post - start}, abort_ip {abort_ip:#x}}}"))
         tail.rseq.append((start, post, abort_ip))
     tail.add(out_of_line)
 

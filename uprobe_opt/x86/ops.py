@@ -86,6 +86,9 @@ class X86Ops:
     def unoptimize(self, region) -> tuple[bytes, bytes]:
         return x86.BREAKPOINT, region.orig[1:x86.JMP_REL32_SIZE]
 
+    def detour_listing(self, detour) -> list[tuple[str, int, bytes, str]]:
+        return x86.trampoline.listing(detour)
+
     def handler_spec(self, kind: str, **kw):
         kw.setdefault("flags_save", "lahf" if cpu_has_lahf() else "pushf")
         return x86.HandlerSpec(kind=kind, **kw)

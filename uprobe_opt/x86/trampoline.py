@@ -148,6 +148,8 @@ class Detour:
                                       # relocated instructions before it run first)
     rseq: tuple[tuple[int, int, int], ...] = ()   # (start_ip, post_commit_ip, abort_ip)
                                       # of each restartable sequence (lean.py)
+    sections: tuple[tuple[str, int, int], ...] = ()   # (what, start, end) for explain
+    data: tuple[tuple[int, int, str], ...] = ()       # (addr, size, what): not code
 
     @property
     def jump(self) -> bytes:
@@ -264,8 +266,11 @@ def build_detour(region: Region, slot_addr: int, handler: HandlerSpec) -> Detour
             relocated.append((prev_insn, f"{prev_text}; {text}"))
         else:
             relocated.append((insn, text))
+    sections = (("handler (saves, handler, restores)", slot_addr, reloc_addr),
+                ("relocated region and jump back", reloc_addr, tail.start)) + \
+        _tail_sections(tail, slot_addr + len(code))
     return Detour(slot_addr, code, region, trap_addr, reloc_addr, tuple(relocated),
-                  rseq=tuple(tail.rseq))
+                  rseq=tuple(tail.rseq), sections=sections, data=_data(tail, slot_addr, code))
 
 
 # -- exit detours (return probes; see exits.py) ------------------------------------------
@@ -306,5 +311,58 @@ def build_exit_detour(region: Region, slot_addr: int, handler: HandlerSpec
                        f"the exit detour for 0x{exit_insn.addr:x} needs {len(code)} bytes, "
                        f"more than a {SLOT_SIZE}-byte slot")
     relocated = tuple((insn, _render(code, slot_addr, s, e)) for insn, s, e in spans)
+    sections = (("relocated instructions before the exit", slot_addr, handler_addr),
+                ("handler (saves, handler, restores)", handler_addr, reloc_addr),
+                ("the exit itself", reloc_addr, tail.start)) + \
+        _tail_sections(tail, slot_addr + len(code))
     return Detour(slot_addr, code, region, trap_addr, reloc_addr, relocated, handler_addr,
-                  rseq=tuple(tail.rseq))
+                  rseq=tuple(tail.rseq), sections=sections, data=_data(tail, slot_addr, code))
+
+
+def _tail_sections(tail: lean.Tail, code_end: int) -> tuple:
+    out = ()
+    if tail.end > tail.start:
+        out += (("out of line (rseq abort and fallback, full ring)", tail.start, tail.end),)
+    if code_end > tail.end:
+        out += (("literal pool", tail.end, code_end),)
+    return out
+
+
+def _data(tail: lean.Tail, slot_addr: int, code: bytes) -> tuple:
+    pool = tuple((a, 8, f".quad {int.from_bytes(code[a - slot_addr:a - slot_addr + 8], 'little'):#x}")
+                 for a in range(tail.end + (-tail.end % 8), slot_addr + len(code), 8))
+    return tuple(tail.data) + pool
+
+
+def listing(detour: Detour) -> list[tuple[str, int, bytes, str]]:
+    """The detour as it is written: (section, address, bytes, text) per instruction or
+    data item, in address order (data: rseq descriptors, literals, int3 padding)."""
+    data = {a: (n, text) for a, n, text in detour.data}
+    marks = {}
+    for start, post, abort in detour.rseq:
+        marks[start] = "rseq start_ip"
+        marks[post] = "post_commit_ip (the increment before it is the commit)"
+        marks[abort] = "abort_ip"
+    if detour.trap_addr is not None:
+        marks[detour.trap_addr] = "the tracer runs the Python handler here"
+    out = []
+    for name, start, end in detour.sections:
+        pc = start
+        while pc < end:
+            off = pc - detour.slot_addr
+            if pc in data:
+                n, text = data[pc]
+                out.append((name, pc, detour.code[off:off + n], text))
+                pc += n
+                continue
+            stop = min([a for a in data if a > pc] + [end])
+            insns = decode(detour.code[off:stop - detour.slot_addr], pc)
+            if not insns:
+                out.append((name, pc, detour.code[off:off + 1], "(byte)"))
+                pc += 1
+                continue
+            for i in insns:
+                mark = marks.get(i.addr)
+                out.append((name, i.addr, i.bytes, f"{i}    ; <- {mark}" if mark else str(i)))
+            pc = insns[-1].addr + len(insns[-1].bytes)
+    return out
