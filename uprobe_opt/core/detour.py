@@ -85,6 +85,10 @@ class DetourArea:
         return addr
 
     def alloc_counter(self, nslots: int) -> Counter | None:
+        """A counter of ``nslots`` per-CPU slots plus one shared slot: the slot of
+        threads without an rseq area (x86 HandlerSpec.counter_slots == nslots + 1);
+        value() sums them all."""
+        nslots += 1
         size = 64 * nslots
         if self.next_data + size > DATA_SIZE:
             return None

@@ -726,9 +726,7 @@ class ProbeManager:
         if kind not in ("count", "record"):
             return self.arch.handler_spec(kind)
         if site.counter is None:
-            # one slot per CPU plus the shared slot of threads without an rseq area
-            # (x86 HandlerSpec.counter_slots)
-            site.counter = self.pool.counter_near(site.addr, self.ncpu_slots + 1)
+            site.counter = self.pool.counter_near(site.addr, self.ncpu_slots)
             for p in site.probes:
                 p._snap[0] = 0
         if kind == "count":
