@@ -8,9 +8,10 @@ Refusal), ``writer`` (TrampolineWriter, the only emitter; keystone lives there),
 ``relocator`` (one rewrite_* per relocation rule), ``xol`` (int3-path copies, jump
 encoding), ``analysis`` (can_optimize: design.md checks 1-6), ``frame`` (the saved
 register frame, one definition), ``trampoline`` (HandlerSpec, Detour, build_detour:
-check 7 and the slot code), ``ringlayout`` (the "record" ring: layout and protocol,
+check 7 and the slot code, ``listing`` for ``explain --detour``), ``lean`` (the count
+and record bodies: minimal saves, lahf/sahf flags, rseq per-CPU counters), ``ringlayout`` (the "record" ring: layout and protocol,
 shared with the tracer's consumer), ``exits`` (the exits of a function for
-return probes, their regions), ``explain`` (text for ``uprobe-opt explain``).
+return probes, their regions).
 """
 from .decode import Insn, check_boundary, decode, decode_one, skip_endbr
 from .refusal import Reason, Refusal
