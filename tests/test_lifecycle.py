@@ -1044,8 +1044,7 @@ def test_spawn_mode_interrupt_restores_everything(lc, sig):
     child = spawned_child(p.pid, lc.pie)
     p.stdout.readline()
     time.sleep(0.3)
-    p.send_signal(sig)
-    p.send_signal(sig)                           # a second one changes nothing
+    p.send_signal(sig)     # (a second one would go to the program: test_handsoff)
     # hands-off: TracerPid is 0 while tracing already; the summary follows the detach
     seen = ""
     while "PROBE" not in (line := p.stderr.readline()):     # spawn mode: ours on stderr

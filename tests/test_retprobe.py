@@ -387,11 +387,11 @@ def test_cli_latency_hist_and_json(c_target):
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("nap(0)=0")       # spawn mode: ours on stderr
     assert "@nap%return[latency ns]:" in res.stderr
-    # 2 ms = 1.91 Mi ns: the [1M, 2M) bucket, or [2M, 4M) for a sleep the loaded
-    # machine stretched; 4 calls in all
+    # 2 ms = 1.91 Mi ns: the [1M, 2M) bucket or, for a sleep a loaded machine
+    # stretched (seen: 5.9 ms), a later one; never an earlier one; 4 calls in all
     rows = re.findall(r"^\[(\w+), (\w+)\)\s+(\d+) \|@*\s*\|$", res.stderr, re.M)
-    assert {lo for lo, _, _ in rows} <= {"1M", "2M"} and sum(int(n) for *_, n in rows) == 4, \
-        res.stderr
+    assert {lo for lo, _, _ in rows} <= {"1M", "2M", "4M", "8M", "16M", "32M"} and \
+        sum(int(n) for *_, n in rows) == 4, res.stderr
     assert "nap%return: 4 entries, 4 exits, 4 calls matched, 0 unwound, 0 in flight" \
         in res.stderr
     res = run_cli("trace", "nap%return", "--handler", "latency", "--json", "--",

@@ -12,6 +12,7 @@ the trace.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ class StopSignals:
         self.detail: str | None = None
         self._tracer = None
         self._old: dict = {}
-        self.later: list[int] = []          # other stop signals after the first
+        self.later: list[int] = []          # stop signals after the first
 
     def install(self) -> "StopSignals":
         self._old = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
@@ -63,13 +64,12 @@ class StopSignals:
     def _on_signal(self, signum, frame) -> None:
         if self.signum is None:
             self.signum = signum
-        elif signum != self.signum:         # a repeat of the first changes nothing
+        else:
             self.later.append(signum)
         self.request("signal")
 
     def take_later(self) -> list[int]:
-        """The stop signals other than the first that arrived after it (a SIGTERM
-        after a SIGINT), in order."""
+        """The stop signals that arrived after the first one, in order."""
         out, self.later = self.later, []
         return out
 
@@ -275,12 +275,12 @@ class TraceRun:
             except ProcessLookupError:
                 pass
         old = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
-        # A different signal after the one that ended the trace (it arrived while we
-        # detached) was meant for the program as much as one arriving now.
+        # A signal after the one that ended the trace (it arrived while we detached)
+        # was meant for the program as much as one arriving now.
         for s in self.stop.take_later():
             forward(s, None)
         try:
-            _, status = os.waitpid(pid, 0)
+            status = _wait_child(pid)
         except ChildProcessError:
             return 0
         finally:
@@ -288,3 +288,26 @@ class TraceRun:
                 signal.signal(s, h)
         code = os.waitstatus_to_exitcode(status)
         return 128 - code if code < 0 else code
+
+
+def _wait_child(pid: int) -> int:
+    """waitpid(pid) that lets our Python signal handlers run meanwhile.  A blocking
+    waitpid is interrupted only by a signal delivered to this thread; one the kernel
+    gives to another thread of ours (a background close of kernel events) would wait
+    for the program's exit.  So: the child's pidfd, with a timeout."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        fd = None
+    try:
+        while True:
+            wpid, status = os.waitpid(pid, os.WNOHANG)
+            if wpid:
+                return status
+            if fd is not None:
+                select.select([fd], [], [], 0.1)
+            else:
+                time.sleep(0.01)
+    finally:
+        if fd is not None:
+            os.close(fd)

@@ -1050,9 +1050,24 @@ class ProbeManager:
         """Unoptimize and disarm every site (all threads stopped).  The code of the
         target is byte-identical to before afterwards."""
         for site in self.sites.values():
+            if site.optimized and self.target.stopped:
+                self._restore_jump(site)
             self._unoptimize(site)
             self._disarm(site)
         self.optimizing.clear()
+
+    def _restore_jump(self, site: Site) -> None:
+        """Every thread stopped: the original bytes under the jump go back in one
+        write.  No int3 in between (the unoptimize order, for threads that run while
+        bytes change): a tracer killed inside the end window then leaves code that
+        is the file's or still our jump, never a breakpoint nobody serves.  No thread
+        stands inside the jump's bytes: every arrival at its first byte jumps away."""
+        if not self._verify(site):
+            return
+        self.target.write(site.region.addr, site.region.orig[:self.arch.jump_size])
+        site.optimized = False
+        if site.region.addr <= site.addr < site.region.addr + self.arch.jump_size:
+            site.armed = False           # its breakpoint byte was under the jump
         self.semaphores.release_all()
 
     def release_areas(self) -> list[str]:
