@@ -535,6 +535,7 @@ def test_perfetto_checked_before_anything_is_touched(status_loop):
     for extra, line in [
             (["--perfetto", "/nonexistent/dir/x.pf"],
              "uprobe-opt: --perfetto /nonexistent/dir/x.pf: No such file or directory"),
+            (["--perfetto", ""], "uprobe-opt: --perfetto needs a file name"),
             (["--perfetto", "/tmp/x.pf", "--handler", "count"],
              "uprobe-opt: --perfetto needs --handler record or latency (--handler count "
              "keeps no record of each hit)")]:
@@ -575,3 +576,10 @@ def test_spawned_program_killed_before_its_entry_point(tmp_path):
         "PROBE  ADDRESS  STATE  HITS  NMISSED  REASON",
         "uprobe-opt: ended: target killed by signal 9 (SIGKILL) after 0.00 s (attached "
         "mode, 0 handler errors)"], err
+
+
+def test_bad_input_with_stderr_unwritable_is_still_exit_2():
+    """`2>/dev/full`: the one line cannot be written, the status still says bad input."""
+    with open("/dev/full", "w") as full:
+        res = cli("trace", "-p", "999999", "libc:malloc", stderr=full)
+    assert res.returncode == 2

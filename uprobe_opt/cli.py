@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = _dispatch(ours, command, stop)
     except ProbeError as e:
-        print(f"uprobe-opt: {e}", file=sys.stderr)
+        from uprobe_opt.output import tell_stderr
+        tell_stderr(str(e))               # stderr itself may be what fails: then silence
         code = 2
     except KeyboardInterrupt:        # only from a subcommand that restored SIGINT
         code = 130
@@ -281,8 +282,10 @@ def _validate_perfetto(args) -> None:
     """--perfetto needs records, and a file we can write: both known before any
     process is touched (the file is created empty now, written at the end)."""
     from uprobe_opt.errors import UsageError
-    if not args.perfetto:
+    if args.perfetto is None:
         return
+    if not args.perfetto:
+        raise UsageError("--perfetto needs a file name")
     if args.handler not in ("record", "latency"):
         raise UsageError(f"--perfetto needs --handler record or latency (--handler "
                          f"{args.handler} keeps no record of each hit)")
