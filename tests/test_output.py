@@ -308,6 +308,15 @@ def _top_total(screen: str) -> int | None:
     return None
 
 
+def _start_top(tmux, target, spec: str, shell_prefix: str = "") -> None:
+    """`uprobe-opt top -p PID SPEC` in a 160x40 tmux session named "top"; the shell
+    prints EXIT=<status> when it returns."""
+    cmd = " ".join(shlex.quote(str(a)) for a in UPROBE_OPT + [
+        "top", "-p", target.pid, spec, "--interval", "0.2"])
+    tmux("new-session", "-d", "-s", "top", "-x", "160", "-y", "40", "-c", str(ROOT),
+         f"sh -c '{shell_prefix}{cmd}; echo EXIT=$?'")
+
+
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed "
                     "(scripts/_setup.sh installs it when it can)")
 @pytest.mark.parametrize("key, end", [("q", "quit"), ("C-c", "tracer interrupted by SIGINT")])
@@ -318,12 +327,9 @@ def test_top_in_a_terminal(status_loop, tmp_path, key, end):
     before = exec_mappings(target.pid)
     tmux = Tmux(f"uprobe-opt-test-{os.getpid()}-{key}", tmp_path)
     try:
-        cmd = " ".join(shlex.quote(str(a)) for a in UPROBE_OPT + [
-            "top", "-p", target.pid, "f", "--interval", "0.2"])
         # `trap true INT`: the shell outlives a Ctrl-C to tell our exit status (the
         # command itself starts with the default SIGINT disposition).
-        tmux("new-session", "-d", "-s", "top", "-x", "160", "-y", "40", "-c", str(ROOT),
-             f"sh -c 'trap true INT; {cmd}; echo EXIT=$?'")
+        _start_top(tmux, target, "f", shell_prefix="trap true INT; ")
         totals = []
 
         def grown() -> bool:
@@ -354,10 +360,7 @@ def test_top_q_typed_at_once_is_not_lost(status_loop, tmp_path):
     before = exec_mappings(target.pid)
     tmux = Tmux(f"uprobe-opt-test-{os.getpid()}-early", tmp_path)
     try:
-        cmd = " ".join(shlex.quote(str(a)) for a in UPROBE_OPT + [
-            "top", "-p", target.pid, "f", "--interval", "0.2"])
-        tmux("new-session", "-d", "-s", "top", "-x", "160", "-y", "40", "-c", str(ROOT),
-             f"sh -c '{cmd}; echo EXIT=$?'")
+        _start_top(tmux, target, "f")
         wait_until(lambda: tracer_pid(target.pid) != 0, 60, "top to attach")
         tmux("send-keys", "-t", "top", "q")
         wait_until(lambda: "EXIT=" in tmux.screen(), 60, "top to exit")
@@ -377,10 +380,7 @@ def test_top_shows_a_return_probes_exits(status_loop, tmp_path):
     target = status_loop()
     tmux = Tmux(f"uprobe-opt-test-{os.getpid()}-ret", tmp_path)
     try:
-        cmd = " ".join(shlex.quote(str(a)) for a in UPROBE_OPT + [
-            "top", "-p", target.pid, "f%return", "--interval", "0.2"])
-        tmux("new-session", "-d", "-s", "top", "-x", "160", "-y", "40", "-c", str(ROOT),
-             f"sh -c '{cmd}; echo EXIT=$?'")
+        _start_top(tmux, target, "f%return")
 
         def rows() -> dict[str, int]:
             out = {}
