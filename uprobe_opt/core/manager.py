@@ -1055,6 +1055,7 @@ class ProbeManager:
             self._unoptimize(site)
             self._disarm(site)
         self.optimizing.clear()
+        self.semaphores.release_all()
 
     def _restore_jump(self, site: Site) -> None:
         """Every thread stopped: the original bytes under the jump go back in one
@@ -1068,7 +1069,6 @@ class ProbeManager:
         site.optimized = False
         if site.region.addr <= site.addr < site.region.addr + self.arch.jump_size:
             site.armed = False           # its breakpoint byte was under the jump
-        self.semaphores.release_all()
 
     def release_areas(self) -> list[str]:
         """Unmap detour areas no thread can be in (rip or a live stack word inside).
