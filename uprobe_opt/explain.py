@@ -69,23 +69,8 @@ def analyse_site(resolver: SymbolResolver, site, spec: str, maps=None,
     if not hasattr(region, "size"):
         out["reason"] = str(region)
         return out
-    out["region"] = [{"addr": f"{i.addr:#x}", "bytes": i.bytes.hex(), "insn": str(i)}
-                     for i in region.insns]
-    slot, reach = _slot_for(addr, maps)
-    out["detour"] = reach
-    if slot is None:
-        out["reason"] = reach
-        return out
-    detour = arch.prepare(region, slot, arch.handler_spec("count", counter_addr=slot + 0x10000))
-    if not hasattr(detour, "code"):
-        out["reason"] = str(detour)
-        return out
-    out["relocated"] = [{"insn": str(i), "relocated": text} for i, text in detour.relocated]
-    out["optimizable"] = True
-    if detours:
-        out["detours"] = detour_listings(arch, arch.prepare, region, slot, detours,
-                                         resolver.pid)
-    return out
+    return _detour_verdict(out, arch, arch.prepare, region, addr, maps, detours,
+                           resolver.pid)
 
 
 def _usdt_verdict(out: dict, usdt) -> dict:
@@ -118,6 +103,29 @@ def _rseq_offset(pid: int | None) -> tuple[int | None, str]:
         return off or None, "__rseq_offset of this machine's glibc"
     except (ValueError, OSError):
         return None, "no __rseq_offset in this machine's glibc"
+
+
+def _detour_verdict(out: dict, arch, prepare, region, jump_at: int, maps, detours,
+                    pid: int | None, regs: tuple[str, ...] | None = None) -> dict:
+    """The rest of a site's verdict once its region is known (an entry's or an
+    exit's, by ``prepare``): the region, the detour slot in reach of ``jump_at``, the
+    relocated instructions, and the detours asked for; ``reason`` where it stops."""
+    out["region"] = [{"addr": f"{i.addr:#x}", "bytes": i.bytes.hex(), "insn": str(i)}
+                     for i in region.insns]
+    slot, reach = _slot_for(jump_at, maps)
+    out["detour"] = reach
+    if slot is None:
+        out["reason"] = reach
+        return out
+    detour = prepare(region, slot, arch.handler_spec("count", counter_addr=slot + 0x10000))
+    if not hasattr(detour, "code"):
+        out["reason"] = str(detour)
+        return out
+    out["relocated"] = [{"insn": str(i), "relocated": t} for i, t in detour.relocated]
+    out["optimizable"] = True
+    if detours:
+        out["detours"] = detour_listings(arch, prepare, region, slot, detours, pid, regs)
+    return out
 
 
 def detour_listings(arch, prepare, region, slot: int, kinds, pid: int | None,
@@ -279,25 +287,9 @@ def _explain_exit(arch, code, site, point, entry_addr, pads, maps, detours=(),
     if not hasattr(region, "size"):
         res["reason"] = str(region)
         return res
-    res["region"] = [{"addr": f"{i.addr:#x}", "bytes": i.bytes.hex(), "insn": str(i)}
-                     for i in region.insns]
     res["jump_at"] = f"{region.addr:#x}"
-    slot, reach = _slot_for(region.addr, maps)
-    res["detour"] = reach
-    if slot is None:
-        res["reason"] = reach
-        return res
-    detour = arch.prepare_exit(region, slot, arch.handler_spec(
-        "count", counter_addr=slot + 0x10000))
-    if not hasattr(detour, "code"):
-        res["reason"] = str(detour)
-        return res
-    res["relocated"] = [{"insn": str(i), "relocated": t} for i, t in detour.relocated]
-    res["optimizable"] = True
-    if detours:
-        res["detours"] = detour_listings(arch, arch.prepare_exit, region, slot, detours, pid,
-                                         arch.exit_regs())
-    return res
+    return _detour_verdict(res, arch, arch.prepare_exit, region, region.addr, maps, detours,
+                           pid, arch.exit_regs())
 
 
 def _print_return_text(res: dict, file=None) -> None:
