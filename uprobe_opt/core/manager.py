@@ -33,7 +33,7 @@ import time
 import traceback
 from typing import Callable
 
-from uprobe_opt.core.detour import DetourPool, NoDetourSpace
+from uprobe_opt.core.detour import AREA_SIZE, DetourPool, NoDetourSpace
 from uprobe_opt.core.probe import HANDLER_KINDS, USDT_REFUSAL, Probe, Site, site_counts
 from uprobe_opt.core.regs import GPR_NAMES, Regs
 from uprobe_opt.errors import (ProcessGone, SymbolError, TargetError,
@@ -42,6 +42,7 @@ from uprobe_opt.errors import (ProcessGone, SymbolError, TargetError,
 MAX_EXIT_LEAD = 64   # bytes an exit's jump may start before its site (the whole
                      # instructions its jump covers up to the return); checked per site
 STACK_SCAN_LIMIT = 256 * 1024   # bytes of each thread's live stack scanned at quiescence
+SETTLE_LIMIT = 0.5              # s the detach lets threads found inside a detour area run
 RETRY_DELAY = 0.005             # seconds before a deferred site is tried again
 MAX_RETRY_DELAY = 1.0          # seconds between attempts for a long-deferred site
 
@@ -1029,20 +1030,24 @@ class ProbeManager:
         for probe in self.probes:
             if probe.is_gone:
                 probe.final_state = None             # found gone by the verification
-        notes = self.release_areas()
-        for _ in range(20):
-            if not notes:
-                break
-            # A thread is still running our out-of-line code (microseconds from its
-            # jump back): let everyone run a moment, then look again.
+        notes, busy = self.release_areas()
+        deadline, wait = time.monotonic() + SETTLE_LIMIT, 0.001
+        while busy and time.monotonic() < deadline:
+            # A thread is still running our out-of-line code (nanoseconds from its
+            # jump back, or a signal handler's return away).  Only those threads
+            # run: the others stay stopped, so the busy ones get a CPU at once.
+            busy -= {tid for tid, _ in self.held}       # resumed by release_held
             self.release_held()
-            self.target.resume_all()
-            for ev in self.target.poll(0.002):
+            for tid in busy:
+                with contextlib.suppress(TargetError):
+                    self.target.resume(tid)
+            for ev in self.target.poll(wait):
                 self.handle_event(ev)
             self.target.stop_all()
             for ev in self.target.poll(0):
                 self.handle_event(ev, resume=False)
-            notes = self.release_areas()
+            notes, busy = self.release_areas()
+            wait = min(wait * 2, 0.016)
         self.release_held()
         return notes
 
@@ -1070,25 +1075,26 @@ class ProbeManager:
         if site.region.addr <= site.addr < site.region.addr + self.arch.jump_size:
             site.armed = False           # its breakpoint byte was under the jump
 
-    def release_areas(self) -> list[str]:
+    def release_areas(self) -> tuple[list[str], set[int]]:
         """Unmap detour areas no thread can be in (rip or a live stack word inside).
-        Returns notes about areas left mapped."""
-        notes = []
+        Returns notes about areas left mapped and the tids found inside one."""
+        notes, busy = [], set()
         maps = self.target.maps()
-        words = []
+        words = {}
         for tid in self.target.tids:
             try:
                 regs = self.target.get_regs(tid)
             except TargetError:
                 continue
-            words.append(regs.rip)
-            words += self._stack_words(regs.rsp, maps).tolist()
-        busy = False
+            words[tid] = np.concatenate([np.array([regs.rip], dtype=np.uint64),
+                                         self._stack_words(regs.rsp, maps)])
         for area in self.pool.areas:
             if not area.mapped:
                 continue
-            if any(area.contains(w) for w in words):
-                busy = True
+            lo, hi = np.uint64(area.code_addr), np.uint64(area.code_addr + AREA_SIZE)
+            inside = {tid for tid, ws in words.items() if ((ws >= lo) & (ws < hi)).any()}
+            if inside:
+                busy |= inside
                 notes.append(f"detour area at {area.code_addr:#x} left mapped: a thread "
                              "may still be inside it")
                 continue
@@ -1103,7 +1109,7 @@ class ProbeManager:
                 notes.append(f"could not unmap detour area at {area.code_addr:#x}: {e}")
         if not busy:
             notes += self._release_ring(maps)
-        return notes
+        return notes, busy
 
     def _release_ring(self, maps) -> list[str]:
         """Unmap the record ring: only detour code writes into it, and no thread is
