@@ -46,6 +46,13 @@ def build_parser():
     tr.add_argument("--no-kernel-uprobes", action="store_true",
                     help="keep int3 sites the optimizer refuses on ptrace instead of "
                          "handing them (count/record handlers) to the kernel's uprobe")
+    tr.add_argument("-f", "--follow-forks", action="store_true",
+                    help="trace the children it forks (fork, vfork, clone without "
+                         "CLONE_VM) and theirs with the same probes, counts per pid "
+                         "(like strace -f); stays attached")
+    tr.add_argument("--follow-exec", action="store_true",
+                    help="after an exec, resolve the probes again in the new program "
+                         "(those that do not resolve are pending or gone)")
 
     from uprobe_opt.top import add_parser as add_top
     add_top(sub)
@@ -331,7 +338,8 @@ def cmd_trace(args, stop) -> int:
                                optimize=not args.no_optimize, log=out.note,
                                buffer_size=args.buffer_bytes, on_records=sink,
                                kernel_uprobes=not args.no_kernel_uprobes,
-                               progress=PhaseProgress())
+                               progress=PhaseProgress(), follow_forks=args.follow_forks,
+                               follow_exec=args.follow_exec, records_for=sink.for_tracer)
             except TargetExited as e:
                 if not args.command or e.status is None:
                     raise
@@ -432,15 +440,32 @@ def _report(out, run, sink, args) -> None:
         out.note(note)
     if not run.spawned and run.end.kind in ("exited", "killed"):
         out.note(f"{run.end.message} (pid {tracer.pid})")
-    for site, hist in sorted(sink.hists.items()):
-        for probe in tracer.probes_of_site(site):
-            out.hist(probe.spec, sink.hist_arg, hist)
+    tree = run.tree
+    by_pid = {tr.pid: tr for tr in run.tracers}
+    for (pid, site), hist in sorted(sink.hists.items()):
+        for probe in by_pid[pid].probes_of_site(site):
+            label = probe.spec if tree is None else f"{probe.spec} (pid {pid})"
+            out.hist(label, sink.hist_arg, hist)
     retout.report(out, tracer, args)
-    rows = tracer.summary()
+    if tree is not None:
+        _report_processes(out, tree)
+    rows = tracer.summary() if tree is None else tree.summary()
     out.summary(rows if out.json else retout.summary_rows(rows), run.end_facts())
     dropped = sum(r["nmissed"] for r in rows)
     if dropped and not out.json:
         out.note(f"{dropped} records dropped (ring buffer full): try a larger --buffer-size")
+
+
+def _report_processes(out, tree) -> None:
+    """-f/--follow-exec: how each followed process left the trace (text mode; the
+    JSON summary carries them as ``processes``)."""
+    if out.json:
+        return
+    for proc in tree.processes():
+        for note in proc["notes"]:
+            out.note(f"pid {proc['pid']}: {note}")
+        if proc["parent"] is not None:
+            out.note(f"pid {proc['pid']} (forked by {proc['parent']}): {proc['end']}")
 
 
 class RecordSink:
@@ -478,16 +503,25 @@ class RecordSink:
                 return f"writing {path}: {e.error.strerror or e.error}"
         return None
 
-    def __call__(self, batch) -> None:
+    def __call__(self, batch, tracer=None) -> None:
+        """A batch of ``tracer``'s records (default: the first process's): site ids
+        are per tracer, so hists are kept per (pid, site)."""
+        tracer = tracer or self.tracer
         if self.calls.perfetto is not None:
-            self.calls.perfetto.add_batch(batch, self.tracer)
+            self.calls.perfetto.add_batch(batch, tracer)
         if self.lines:
-            self.out.records(batch, self.probes_of_site, self.nargs)
+            self.out.records(batch, tracer.probes_of_site, self.nargs)
         if self.hist_arg is not None:
             from uprobe_opt.hist import Log2Hist
             for site in set(batch["site"].tolist()):
                 values = batch["args"][batch["site"] == site][:, self.hist_arg]
-                self.hists.setdefault(site, Log2Hist()).add(values)
+                self.hists.setdefault((tracer.pid, site), Log2Hist()).add(values)
+
+    def for_tracer(self, tracer):
+        """on_records for a followed child's Tracer (``-f``)."""
+        if self.calls.needed:
+            tracer.calls.on_call = self.calls
+        return lambda batch: self(batch, tracer)
 
 
 class Status:

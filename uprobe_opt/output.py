@@ -150,12 +150,17 @@ def render_table(rows: list[dict]) -> str:
     head = ("PROBE", "ADDRESS", "STATE", "HITS", "NMISSED", "REASON")
     table = [head] + [(r["probe"], r["address"], r["state"], str(r["hits"]),
                        str(r["nmissed"]), reason_cell(r)) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(5)]
+    if any("pid" in r for r in rows):         # -f: one process per row, strace-like
+        table = [("PID",) + head] + [(str(r.get("pid", "")),) + row
+                                     for r, row in zip(rows, table[1:])]
+    n = len(table[0]) - 1
+    left = {0, 1, 2} if n == 5 else {1, 2, 3}
+    widths = [max(len(row[i]) for row in table) for i in range(n)]
     lines = []
     for row in table:
-        cells = [row[i].ljust(widths[i]) if i in (0, 1, 2) else row[i].rjust(widths[i])
-                 for i in range(5)]
-        lines.append("  ".join(cells + [row[5]]).rstrip() + "\n")
+        cells = [row[i].ljust(widths[i]) if i in left else row[i].rjust(widths[i])
+                 for i in range(n)]
+        lines.append("  ".join(cells + [row[n]]).rstrip() + "\n")
     return "".join(lines)
 
 

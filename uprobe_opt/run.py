@@ -129,14 +129,29 @@ class TraceRun:
     :class:`uprobe_opt.session.Tracer`.  Raises what Tracer.attach/spawn raise."""
 
     def __init__(self, *, pid: int | None, command: list[str] | None, stop: StopSignals,
-                 **tracer_kw):
+                 follow_forks: bool = False, follow_exec: bool = False,
+                 records_for=None, **tracer_kw):
         from uprobe_opt.session import Tracer
         self.stop = stop
         self.spawned = pid is None
         self.t0 = time.monotonic()
         self.progress = tracer_kw.get("progress")
+        if follow_forks:
+            # forks are seen only while traced; a kernel uprobe's event would be
+            # inherited by the children (uprobe_opt.follow)
+            tracer_kw.update(hands_off=False, kernel_uprobes=False)
+        if follow_exec:
+            tracer_kw.update(hands_off=False)     # an exec is held only by a tracer
         self.tracer = (Tracer.attach(pid, **tracer_kw) if pid is not None
                        else Tracer.spawn(command, **tracer_kw))
+        self.tree = None
+        if follow_forks or follow_exec:
+            from uprobe_opt.follow import ProcessTree
+            child_kw = {k: v for k, v in tracer_kw.items()
+                        if k not in ("progress", "on_records")}
+            self.tree = ProcessTree(self.tracer, follow_forks=follow_forks,
+                                    follow_exec=follow_exec, tracer_kw=child_kw,
+                                    records_for=records_for)
         stop.tracer = self.tracer
         self.end: RunEnd | None = None
         self.seconds = 0.0
@@ -205,14 +220,20 @@ class TraceRun:
         """Run until the target exits or execs, ``duration`` seconds pass, ``until()``
         is true or a stop is requested; then detach (always: every byte restored)."""
         self.t0 = time.monotonic()           # the trace proper: armed, target running
+        driver = self.tree if self.tree is not None else self.tracer
         try:
             if not self.tracer.exited and self.stop.reason is None:
-                self.tracer.run(duration=duration, until=self._first_tick(until))
+                driver.run(duration=duration, until=self._first_tick(until))
         finally:
             self.seconds = time.monotonic() - self.t0     # traced, not detaching
             self.end_progress()
-            self.tracer.detach()
+            driver.detach()
             self.end = self._why_ended()
+
+    @property
+    def tracers(self) -> list:
+        """Every process's Tracer (the first one, then the followed ones)."""
+        return self.tree.tracers if self.tree is not None else [self.tracer]
 
     def _first_tick(self, until):
         """``until`` for Tracer.run: at its first call (the initial optimization is
@@ -250,9 +271,12 @@ class TraceRun:
         """What the summary tells besides the probe rows."""
         facts = {"end": self.end.to_json(), "mode": self.mode,
                  "duration_s": round(self.seconds, 3),
-                 "handler_errors": sum(p.nerrors for p in self.tracer.probes)}
+                 "handler_errors": sum(p.nerrors for tr in self.tracers
+                                       for p in tr.probes)}
         if self.mode_reason:
             facts["mode_reason"] = self.mode_reason
+        if self.tree is not None:
+            facts["processes"] = self.tree.processes()
         return facts
 
     # -- spawn mode: the program's status -----------------------------------------------

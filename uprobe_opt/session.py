@@ -42,6 +42,20 @@ from uprobe_opt.target import Target
 DELIVER_SLICE = 4096     # records handed to on_records between two event services
 
 
+def _not_in_image(spec: str, error: Exception) -> dict:
+    """The summary row of a spec that does not resolve in the program the process runs
+    (after an exec, or in a forked child of a process that exec'd)."""
+    return {"probe": spec, "address": "-", "state": "gone", "hits": 0, "nmissed": 0,
+            "reason": f"not in this program: {error}", "served_by": None}
+
+
+def _exe_name(target) -> str:
+    try:
+        return os.readlink(target.proc_path("exe"))
+    except OSError:
+        return "a new program"
+
+
 class Tracer:
     """One traced process.  Create with :meth:`attach` (the process keeps running: it
     is stopped only for the windows that patch it) or :meth:`spawn` (the program is
@@ -71,6 +85,33 @@ class Tracer:
         self.target = target
         self.hands_off = hands_off
         self._end_mode: tuple[str, str | None] | None = None
+        self._image_kw = dict(optimize=optimize, log=log, buffer_size=buffer_size,
+                              kernel_uprobes=kernel_uprobes, progress=progress)
+        self._new_image(**self._image_kw)
+        self.on_records = on_records
+        self.record_batches: list = []
+        from uprobe_opt.core.calls import CallMatcher
+        self.calls = CallMatcher()          # return probes: entries matched with exits
+        self.return_probes: list = []
+        self._stop_requested = False
+        self._detached = False
+        self.notes: list[str] = []
+        self.exec_seen = False
+        self.libwatch = None          # pending probes (uprobe_opt.pending), when any
+        # follower(tracer, ForkedChild): told of every fork after our bytes left the
+        # child; it may adopt the child (uprobe_opt.follow, ``-f``).  None: let it go.
+        self.follower: Callable | None = None
+        self.attached_reason: str | None = None   # why hands_off is False, if told
+        target.fork_hook = self._on_fork
+        # --follow-exec: specs resolved again after an exec (see follow_exec)
+        self.follow_execs = False
+        self._given: list[tuple] = []       # add_probes calls: (specs, pre, handler, ...)
+        self.former_rows: list[dict] = []   # summary rows of the images exec'd away
+        self.images = 1                     # programs traced in this process so far
+
+    def _new_image(self, *, optimize, log, buffer_size, kernel_uprobes, progress) -> None:
+        """The resolver and the probe manager of the program the target runs now."""
+        target = self.target
         # /proc/TID of a live thread when the leader is a zombie (pthread_exit): it has
         # no mm, so its /proc/PID/map_files, exe and root are unreadable; a thread's
         # /proc/TID view is the same process.
@@ -81,18 +122,8 @@ class Tracer:
             self.manager.progress = progress
         if buffer_size is not None:
             self.manager.records.buffer_bytes = buffer_size
-        self.on_records = on_records
-        self.record_batches: list = []
         self.manager.rseq_offset = self._find_rseq_offset()
         self.manager.landing_pads = self.resolver.landing_pads
-        from uprobe_opt.core.calls import CallMatcher
-        self.calls = CallMatcher()          # return probes: entries matched with exits
-        self.return_probes: list = []
-        self._stop_requested = False
-        self._detached = False
-        self.notes: list[str] = []
-        self.exec_seen = False
-        self.libwatch = None          # pending probes (uprobe_opt.pending), when any
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -158,7 +189,8 @@ class Tracer:
         if self.target.released or self.target.exited_released:
             return ("hands-off", None)
         if not self.hands_off:
-            return ("attached", "hands-off disabled (hands_off=False)")
+            return ("attached", self.attached_reason
+                    or "hands-off disabled (hands_off=False)")
         reason = self.manager.tracer_reason()
         if reason is None:
             reason = ("held at its entry point until run()" if self.target.stopped
@@ -175,6 +207,13 @@ class Tracer:
             self.manager.let_go()
         except ProcessGone:
             pass
+
+    def _on_fork(self, child) -> None:
+        """Target.fork_hook: the child gets the original bytes back before it runs
+        (ProbeManager.on_fork), then the follower may adopt it."""
+        self.manager.on_fork(child)
+        if self.follower is not None:
+            self.follower(self, child)
 
     # -- probes -----------------------------------------------------------------------
     @property
@@ -217,6 +256,12 @@ class Tracer:
         if not 0 <= nargs <= 6:
             raise UsageError(f"nargs must be 0..6, not {nargs}")
         specs = list(specs)
+        out = self._add_probes(specs, pre_handler, handler, optimize, nargs)
+        self._given.append((specs, pre_handler, handler, optimize, nargs))
+        return out
+
+    def _add_probes(self, specs, pre_handler, handler, optimize, nargs) -> list:
+        from uprobe_opt.core.calls import split_return_spec
         if not any(split_return_spec(spec)[1] for spec in specs):
             if handler == "latency":
                 raise UsageError("handler 'latency' needs a return probe (SPEC%return)")
@@ -345,27 +390,41 @@ class Tracer:
             ) -> None:
         """Let the target run, handling hits, until it exits or execs, ``duration``
         seconds pass, ``until()`` returns True, or :meth:`request_stop` is called."""
-        self.manager.optimize_pending(force=True)
-        if self.target.stopped and not self.target.exited:
-            self.target.resume_all()
+        self.start()
         deadline = None if duration is None else time.monotonic() + duration
         while not (self._stop_requested or self.target.exited or self.exec_seen):
             if until is not None and until():
                 break
-            timeout = 0.01 if self.manager.records.ring is not None \
-                or self.manager.kernel.samples else 0.2
-            if self.manager.optimizing:
-                timeout = RETRY_DELAY
+            timeout = self.wake_timeout()
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 timeout = min(timeout, left)
             self.process_events(timeout)
-            if self.manager.optimizing and not self.target.exited:
-                self.manager.optimize_pending()
-            self._let_go()
-            self.deliver_records()
+            self.after_events()
+        self.deliver_records()
+
+    def start(self) -> None:
+        """Optimize what is queued and let a held target run (run()'s first step)."""
+        self.manager.optimize_pending(force=True)
+        if self.target.stopped and not self.target.exited:
+            self.target.resume_all()
+
+    def wake_timeout(self) -> float:
+        """Seconds run() may sleep before its next service: the ring and the kernel's
+        samples are drained every 10 ms, a deferred optimization retried sooner."""
+        if self.manager.optimizing:
+            return RETRY_DELAY
+        return 0.01 if self.manager.records.ring is not None \
+            or self.manager.kernel.samples else 0.2
+
+    def after_events(self) -> None:
+        """run()'s work after each wake-up: retry the optimizer, let go of ptrace when
+        nothing needs it, hand the records over."""
+        if self.manager.optimizing and not self.target.exited:
+            self.manager.optimize_pending()
+        self._let_go()
         self.deliver_records()
 
     def process_events(self, timeout: float = 0.0) -> None:
@@ -379,7 +438,68 @@ class Tracer:
     def _note_exec(self) -> None:
         if self.manager.exec_seen and not self.exec_seen:
             self.exec_seen = True
-            self.notes.append("target exec'd a new program: its probes are gone")
+            if self.follow_execs and self.target.hold_exec and not self._detached:
+                self.follow_exec()
+            else:
+                self.notes.append("target exec'd a new program: its probes are gone")
+
+    def follow_exec(self) -> None:
+        """``--follow-exec``: the target exec'd and is held in its exec stop
+        (``Target.hold_exec``).  The old image's probes stay as ``gone`` rows
+        (:attr:`former_rows`, their counts final); the new program is run to its
+        entry point (its libraries mapped, none of its code run), every spec given so
+        far is resolved again there and armed, then it runs: counts in the new image
+        are exact from its first instruction.  A spec that names a library not loaded
+        is pending; one that does not resolve is a ``gone`` row with the reason."""
+        from uprobe_opt.errors import ProbeError, TargetExited
+        self.deliver_records()
+        self.former_rows += self.summary()
+        self.target.accept_exec()
+        try:
+            self.target.run_to_entry()
+        except TargetExited:
+            return                                  # its end is reported as an exit
+        self.images += 1
+        self.return_probes, self.libwatch = [], None
+        from uprobe_opt.core.calls import CallMatcher
+        on_call = self.calls.on_call
+        self.calls = CallMatcher()
+        self.calls.on_call = on_call
+        self._new_image(**self._image_kw)
+        self.target.fork_hook = self._on_fork
+        self.exec_seen = False
+        given, self._given = self._given, []
+        armed, missing = self.add_given(given)
+        exe = _exe_name(self.target)
+        self.notes.append(f"process {self.pid} exec'd {exe}: {armed} probe(s) armed "
+                          f"again in the new program, {missing} not found there")
+        self.start()
+
+    def add_given(self, given: list[tuple]) -> tuple[int, int]:
+        """Add the probes of ``given`` (another Tracer's :attr:`given`: a forked
+        child's parent, or this process before its exec) spec by spec: one that does
+        not resolve here is a ``gone`` row with the reason (in :attr:`former_rows`),
+        not an error.  Returns (probes armed, specs not found).  Raises ProcessGone /
+        TargetExited when the process died meanwhile."""
+        from uprobe_opt.errors import ProbeError
+        armed, missing = 0, 0
+        for specs, pre, handler, optimize, nargs in given:
+            for spec in specs:
+                try:
+                    armed += len(self.add_probes([spec], pre, handler=handler,
+                                                 optimize=optimize, nargs=nargs))
+                except ProbeError as e:
+                    if self.target.exited or isinstance(e, ProcessGone):
+                        raise
+                    self.former_rows.append(_not_in_image(spec, e))
+                    self._given.append(([spec], pre, handler, optimize, nargs))
+                    missing += 1
+        return armed, missing
+
+    @property
+    def given(self) -> list[tuple]:
+        """Every add_probes call so far: (specs, pre_handler, handler, optimize, nargs)."""
+        return list(self._given)
 
     # -- records ----------------------------------------------------------------------
     def deliver_records(self) -> int:
@@ -429,7 +549,7 @@ class Tracer:
                  "served_by": p.served_by}
                 for p in self.probes if p.retprobe is None]
         pending = [pp.summary_row() for pp in self.pending_probes]
-        return rows + [r for r in pending if r is not None] + \
+        return self.former_rows + rows + [r for r in pending if r is not None] + \
             [rp.summary_row() for rp in self.return_probes]
 
     def tracer_probes(self) -> list[Probe]:

@@ -38,6 +38,7 @@ from . import seccomp
 from .maps import Mapping, read_maps
 
 __all__ = ["Target", "ForkedChild", "TrapEvent", "ExitEvent", "ExecEvent", "Event",
+           "wait_any",
            "PROT_READ", "PROT_WRITE", "PROT_EXEC", "MAP_PRIVATE", "MAP_SHARED",
            "MAP_ANONYMOUS", "MAP_FIXED", "MAP_FIXED_NOREPLACE"]
 
@@ -90,6 +91,7 @@ class _Thread:
     group_stop: bool = False
     zombie: bool = False           # exited leader waiting for its threads (pthread_exit)
     vfork_child: int | None = None  # blocked in vfork() until that child execs/exits
+    exec_hold: bool = False        # held in its exec stop (hold_exec) until run_to_entry
     trap_rip: int | None = None    # rip when the held TrapEvent was reported
     regs: object = None            # registers read at this stop (valid until it resumes)
     sigs: list[int] = field(default_factory=list)
@@ -329,12 +331,25 @@ class ForkedChild:
     """A freshly forked child of the target, stopped, passed to ``Target.fork_hook``.
 
     It has its own copy of the parent's memory (inherited int3s included); ``read`` and
-    ``write`` go through /proc/CHILD/mem. After the hook returns the Target detaches it.
+    ``write`` go through /proc/CHILD/mem. After the hook returns the Target detaches it,
+    unless the hook called :meth:`adopt` (``strace -f``).
     """
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, sig: int = 0, parent: int | None = None):
         self.pid = pid
+        self.parent = parent            # pid of the process that forked it
+        self._sig = sig                 # the signal it stopped with (0: an event stop)
         self._mem = _Memory(pid)
+        self.adopted: "Target | None" = None
+
+    def adopt(self) -> "Target":
+        """Keep tracing the child: a :class:`Target` of its own, every thread (its
+        one) stopped before its first instruction after fork(), as if ``stop_all``
+        had run; ``resume_all`` lets it run.  The child was auto-attached by the
+        kernel (PTRACE_O_TRACEFORK, ``man 2 ptrace``): nothing is seized."""
+        if self.adopted is None:
+            self.adopted = Target._adopt_child(self.pid, self._sig)
+        return self.adopted
 
     def read(self, addr: int, size: int) -> bytes:
         """``size`` bytes at ``addr`` in the child; raises TargetError."""
@@ -419,6 +434,9 @@ class Target:
         self.exec_count = 0                # execs of the process seen so far
         self._write_gen = 0                # exec_count that write()/syscall() accept
         self.fork_hook: Callable[[ForkedChild], None] | None = None
+        # True: a thread that exec'd stays stopped in its exec stop (resume_all too)
+        # until run_to_entry(), so probes can be armed in the new image before it runs
+        self.hold_exec = False
         self.thread_hook: Callable[[int], None] | None = None
         self._owner = threading.get_ident()
         self._threads: dict[int, _Thread] = {}
@@ -594,6 +612,28 @@ class Target:
             sig = os.WSTOPSIG(status)
             pt.cont(self.pid, 0 if status >> 16 or sig == signal.SIGTRAP else sig)
 
+    @_boundary
+    def run_to_entry(self) -> None:
+        """After an exec held by ``hold_exec``: run the new program until its entry
+        point (AT_ENTRY: the dynamic linker has mapped its libraries, none of its own
+        code ran), leaving it stopped there; ``resume_all`` lets it go on.  Threads
+        and children a library constructor starts meanwhile are traced as usual.
+        TargetExited if it ends before."""
+        t = self._threads.get(self.pid)
+        if t is None or not t.exec_hold:
+            raise UsageError(f"process {self.pid} is not held in an exec stop",
+                             pid=self.pid)
+        t.exec_hold = False
+        was, self._all_stopped = self._all_stopped, True
+        try:
+            self._run_to_entry()
+        except TargetExited:
+            self._process_gone(self.exit_status)
+            raise
+        finally:
+            self._all_stopped = was
+        t.stopped, t.regs = True, None
+
     def _run_to_entry(self) -> None:
         """Plant a temporary int3 at AT_ENTRY, continue to it, restore the byte and
         rewind rip: the thread is left stopped at the first instruction of the program."""
@@ -611,8 +651,13 @@ class Target:
                                        f"{entry:#x}", pid=self.pid, status=status)
                 if self._at_entry_trap(status, entry):
                     break
-                sig = os.WSTOPSIG(status)
-                if status >> 16 == 0 and sig != signal.SIGTRAP:
+                sig, event = os.WSTOPSIG(status), status >> 16
+                if event in (pt.PTRACE_EVENT_CLONE, pt.PTRACE_EVENT_FORK,
+                             pt.PTRACE_EVENT_VFORK) and self.pid in self._threads:
+                    # a constructor's thread or child (only after an exec we follow)
+                    self._on_clone(self._threads[self.pid], event)
+                    continue
+                if event == 0 and sig != signal.SIGTRAP:
                     pt.cont(self.pid, sig)       # foreign signal before entry: deliver it
                     continue
         finally:
@@ -654,7 +699,7 @@ class Target:
         threads holding an undelivered TrapEvent."""
         self._all_stopped = False
         for t in list(self._threads.values()):
-            if t.stopped and not t.held:
+            if t.stopped and not (t.held or t.exec_hold):
                 self._resume_thread(t)
 
     @_boundary
@@ -1151,24 +1196,41 @@ class Target:
 
     def _fork_child(self, child: int) -> None:
         """A forked child (own memory) is auto-attached: wait for its first stop, run
-        fork_hook on it, detach it (delivering the signal it stopped with, if any)."""
+        fork_hook on it, detach it (delivering the signal it stopped with, if any)
+        unless the hook adopted it (then its own Target holds it stopped)."""
         while True:
             _, status = os.waitpid(child, pt.WALL)
             if not os.WIFSTOPPED(status):
                 return                                   # killed before its first stop
             break
         sig = 0 if status >> 16 else os.WSTOPSIG(status)
-        forked = ForkedChild(child)
+        forked = ForkedChild(child, sig, parent=self.pid)
         try:
             if self.fork_hook is not None:
                 self.fork_hook(forked)
         finally:
             forked.close()
-            try:
-                pt.detach(child, sig)
-            except pt.PtraceOSError as exc:
-                if not _esrch(exc):
-                    raise
+            if forked.adopted is None:
+                try:
+                    pt.detach(child, sig)
+                except pt.PtraceOSError as exc:
+                    if not _esrch(exc):
+                        raise
+
+    @classmethod
+    def _adopt_child(cls, pid: int, sig: int) -> "Target":
+        """A Target for a forked child we trace already (auto-attached, in its first
+        stop): see :meth:`ForkedChild.adopt`."""
+        self = cls(pid)
+        t = _Thread(pid, pid, stopped=True)
+        if sig:
+            t.sigs.append(sig)
+        self._threads[pid] = t
+        self._all_stopped = True
+        self._mem.open()
+        m = next((m for m in self._read_maps() if m.perms[0] == "r"), None)
+        self._exec_probe = None if m is None else m.start
+        return self
 
     def _on_exec(self, t: _Thread) -> None:
         former = pt.geteventmsg(t.tid)
@@ -1193,6 +1255,9 @@ class Target:
         self._gadget = None
         self.exec_count += 1               # write fence: see accept_exec()
         self._events.append(ExecEvent(t.tid))
+        if self.hold_exec:
+            t.exec_hold = True             # until run_to_entry (resume_all skips it)
+            return
         self._keep_or_resume(t)
 
     # ------------------------------------------------------------------ memory, registers
@@ -1568,6 +1633,38 @@ class Target:
         if not self._closed and self._wakeup:
             _Wakeup.release()
         self._closed = True
+
+
+# --------------------------------------------------------------------------- many targets
+def wait_any(targets, timeout: float) -> None:
+    """Sleep until one of ``targets`` (Targets driven by this thread, e.g. a process
+    and the children it forked) has a status to reap, ``timeout`` s pass, or the
+    tracer gets a signal other than SIGCHLD; then each target's ``poll(0)`` finds its
+    events.  Nothing is reaped here: ``waitid(WNOWAIT)`` per tid only looks, and the
+    check runs after the pipe is drained, so a status arriving later wakes the
+    select (the order :meth:`Target._wait` keeps for one target)."""
+    deadline = time.monotonic() + timeout
+    wakeup = _Wakeup.rfd >= 0 and threading.current_thread() is threading.main_thread()
+    while True:
+        foreign = _Wakeup.drain() if wakeup else False
+        if foreign or any(_waitable(tid) for tg in targets if not tg.released
+                          for tid in list(tg._threads)):
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        if wakeup:
+            select.select([_Wakeup.rfd], [], [], remaining)
+        else:
+            time.sleep(min(remaining, 0.001))
+
+
+def _waitable(tid: int) -> bool:
+    try:
+        return os.waitid(os.P_PID, tid, os.WEXITED | os.WSTOPPED | os.WNOHANG
+                         | os.WNOWAIT | pt.WALL) is not None
+    except ChildProcessError:
+        return True                  # reaped elsewhere: its Target's poll notices
 
 
 # --------------------------------------------------------------------------- spawn helpers
