@@ -249,3 +249,29 @@ def test_follow_exec_alone_and_exec_without_it(forktree, forker, tmp_path):
     summary = _summary(out)
     assert summary["end"]["reason"] == "exec"
     assert [(r["state"], r["hits"]) for r in summary["probes"]] == [("gone", P)]
+
+
+def test_follow_a_vfork_child_into_its_program(forktree, forker, tmp_path):
+    """posix_spawn (a CLONE_VM|CLONE_VFORK child that execs at once), -f
+    --follow-exec: the child is a process of its own from its new program on
+    (forker: 2 calls), forker's own child is followed (40), the spawner counts its
+    own 3.  With -f alone the exec'd child is let go: one row."""
+    from uprobe_opt.testing import build_target
+    spawner = str(build_target("spawner"))
+    out = tmp_path / "out.json"
+    res = run_cli("trace", "-f", "--follow-exec", "counted", "--handler", "count",
+                  "--json", "-o", out, "--", spawner, 3, forker, FORKER_K)
+    assert res.returncode == 0, res.stderr
+    m = re.search(r"spawner: pid=(\d+) calls=3 child=(\d+) exit=0", res.stdout)
+    assert m, res.stdout
+    root, child = int(m[1]), int(m[2])
+    summary = _summary(out)
+    hits = {r["pid"]: r["hits"] for r in summary["probes"]}
+    procs = {p["pid"]: p["parent"] for p in summary["processes"]}
+    [grand] = set(hits) - {root, child}
+    assert hits == {root: 3, child: 2, grand: FORKER_K}
+    assert procs == {root: None, child: root, grand: child}
+    res = run_cli("trace", "-f", "counted", "--handler", "count", "--json", "-o", out,
+                  "--", spawner, 3, forker, FORKER_K)
+    assert res.returncode == 0, res.stderr
+    assert [(r["hits"], r["state"]) for r in _summary(out)["probes"]] == [(3, "optimized")]

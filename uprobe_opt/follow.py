@@ -83,6 +83,8 @@ class ProcessTree:
         if not self.follow_forks:
             return
         tracer.follower = self._adopt
+        if self.follow_exec:
+            tracer.target.exec_child_hook = lambda child: self._adopt_exec(tracer, child)
         tracer.hands_off = False        # a fork is seen only by a tracer
         tracer.attached_reason = FOLLOW_REASON
         # A kernel uprobe's perf event is inherited by forked children (inherit=1)
@@ -104,6 +106,11 @@ class ProcessTree:
         target = child.adopt()
         self._queued.append((target, parent, _inherited(parent.manager)))
 
+    def _adopt_exec(self, parent, child) -> None:
+        """Target.exec_child_hook: a vfork child exec'd (a process of its own now, in
+        its new program): followed like a forked child, nothing inherited to undo."""
+        self._queued.append((child.adopt(), parent, None))
+
     def _start_children(self) -> None:
         while self._queued:
             target, parent, inherited = self._queued.pop(0)
@@ -113,6 +120,8 @@ class ProcessTree:
         from uprobe_opt.session import Tracer
         kw = dict(self.tracer_kw, kernel_uprobes=False, hands_off=False)
         try:
+            if inherited is None:
+                target.run_to_entry()      # a vfork child's new program: to its entry
             tracer = Tracer(target, **kw)
         except ProbeError as e:
             # Not traceable as a process of its own: it runs on untraced, with the
@@ -126,7 +135,8 @@ class ProcessTree:
         f = Followed(tracer, parent.pid)
         self.procs.append(f)
         try:
-            f.notes += _unmap_inherited(tracer, inherited)
+            if inherited is not None:
+                f.notes += _unmap_inherited(tracer, inherited)
             tracer.add_given(parent.given)
             tracer.start()
         except ProbeError as e:

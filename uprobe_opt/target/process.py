@@ -335,10 +335,12 @@ class ForkedChild:
     unless the hook called :meth:`adopt` (``strace -f``).
     """
 
-    def __init__(self, pid: int, sig: int = 0, parent: int | None = None):
+    def __init__(self, pid: int, sig: int = 0, parent: int | None = None,
+                 exec_stop: bool = False):
         self.pid = pid
         self.parent = parent            # pid of the process that forked it
         self._sig = sig                 # the signal it stopped with (0: an event stop)
+        self.exec_stop = exec_stop      # a vfork child in the exec stop of its execve
         self._mem = _Memory(pid)
         self.adopted: "Target | None" = None
 
@@ -348,7 +350,7 @@ class ForkedChild:
         had run; ``resume_all`` lets it run.  The child was auto-attached by the
         kernel (PTRACE_O_TRACEFORK, ``man 2 ptrace``): nothing is seized."""
         if self.adopted is None:
-            self.adopted = Target._adopt_child(self.pid, self._sig)
+            self.adopted = Target._adopt_child(self.pid, self._sig, self.exec_stop)
         return self.adopted
 
     def read(self, addr: int, size: int) -> bytes:
@@ -437,6 +439,10 @@ class Target:
         # True: a thread that exec'd stays stopped in its exec stop (resume_all too)
         # until run_to_entry(), so probes can be armed in the new image before it runs
         self.hold_exec = False
+        # (ForkedChild) -> None: a vfork (CLONE_VM) child traced as our task exec'd and
+        # is a process of its own now, stopped in its exec stop; it may adopt it
+        # (held until run_to_entry).  None: it is detached.
+        self.exec_child_hook: Callable[[ForkedChild], None] | None = None
         self.thread_hook: Callable[[int], None] | None = None
         self._owner = threading.get_ident()
         self._threads: dict[int, _Thread] = {}
@@ -640,9 +646,11 @@ class Target:
         entry = _read_auxv(self.pid)[AT_ENTRY]
         orig = self._mem.read(entry, 1)
         self._mem.write(entry, b"\xcc")
+        deliver = 0
         try:
             while True:
-                pt.cont(self.pid, 0)
+                pt.cont(self.pid, deliver)
+                deliver = 0
                 _, status = os.waitpid(self.pid, pt.WALL)
                 if os.WIFEXITED(status) or os.WIFSIGNALED(status):
                     self._threads.clear()
@@ -658,7 +666,7 @@ class Target:
                     self._on_clone(self._threads[self.pid], event)
                     continue
                 if event == 0 and sig != signal.SIGTRAP:
-                    pt.cont(self.pid, sig)       # foreign signal before entry: deliver it
+                    deliver = sig                # foreign signal before entry: deliver it
                     continue
         finally:
             if not self.exited:
@@ -1218,11 +1226,13 @@ class Target:
                         raise
 
     @classmethod
-    def _adopt_child(cls, pid: int, sig: int) -> "Target":
+    def _adopt_child(cls, pid: int, sig: int, exec_stop: bool = False) -> "Target":
         """A Target for a forked child we trace already (auto-attached, in its first
-        stop): see :meth:`ForkedChild.adopt`."""
+        stop; or a vfork child in its exec stop: held there until run_to_entry): see
+        :meth:`ForkedChild.adopt`."""
         self = cls(pid)
-        t = _Thread(pid, pid, stopped=True)
+        t = _Thread(pid, pid, stopped=True, exec_hold=exec_stop)
+        self.hold_exec = exec_stop
         if sig:
             t.sigs.append(sig)
         self._threads[pid] = t
@@ -1235,11 +1245,20 @@ class Target:
     def _on_exec(self, t: _Thread) -> None:
         former = pt.geteventmsg(t.tid)
         if t.proc != self.pid:
-            # a vfork child exec'd: it no longer shares our memory, let it go
+            # a vfork child exec'd: it no longer shares our memory, let it go (or
+            # give it to exec_child_hook, which may adopt it)
             del self._threads[t.tid]
             for other in self._threads.values():
                 if other.vfork_child == t.tid:
                     other.vfork_child = None
+            if self.exec_child_hook is not None:
+                child = ForkedChild(t.tid, parent=self.pid, exec_stop=True)
+                try:
+                    self.exec_child_hook(child)
+                finally:
+                    child.close()
+                if child.adopted is not None:
+                    return
             try:
                 pt.detach(t.tid, 0)
             except pt.PtraceOSError as exc:
