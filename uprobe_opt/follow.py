@@ -187,12 +187,17 @@ class ProcessTree:
                 tr.detach()
                 f.end = _exit_text(tr.exit_code)
             elif tr.exec_seen:
+                # let go now: a process nobody polls would stay in its next stop
                 f.end = "exec'd a new program (its probes are gone)"
-                if f.parent is not None:
-                    tr.detach()      # the root's end (and detach) is TraceRun's
+                tr.detach()
 
     def detach(self) -> None:
-        """Detach every process still traced (each gets its original bytes back)."""
+        """Detach every process still traced (each gets its original bytes back),
+        children adopted but not armed yet included (their bytes are the original
+        already: a stopped child nobody resumes would hang its parent's wait)."""
+        while self._queued:
+            target, _, _ = self._queued.pop(0)
+            target.detach()
         for f in self.procs:
             if f.end is None and f.parent is not None:
                 f.tracer.detach()
