@@ -660,9 +660,11 @@ class Target:
                 if self._at_entry_trap(status, entry):
                     break
                 sig, event = os.WSTOPSIG(status), status >> 16
-                if event in (pt.PTRACE_EVENT_CLONE, pt.PTRACE_EVENT_FORK,
-                             pt.PTRACE_EVENT_VFORK) and self.pid in self._threads:
-                    # a constructor's thread or child (only after an exec we follow)
+                if (event in (pt.PTRACE_EVENT_CLONE, pt.PTRACE_EVENT_FORK,
+                              pt.PTRACE_EVENT_VFORK) and self._all_stopped
+                        and self.pid in self._threads):
+                    # a constructor's thread or child after an exec we follow
+                    # (run_to_entry: _all_stopped keeps _on_clone from resuming us)
                     self._on_clone(self._threads[self.pid], event)
                     continue
                 if event == 0 and sig != signal.SIGTRAP:
