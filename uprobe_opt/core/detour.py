@@ -36,7 +36,17 @@ MAP_FIXED_NOREPLACE = 0x100000
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 SYS_close, SYS_ftruncate, SYS_memfd_create = 3, 77, 319
 MFD_CLOEXEC = 1
+MAX_AREA_PART = 32 << 20            # bytes: the largest code or data part of one area
 MEMFD_NAME = b"uprobe-opt"          # /proc/PID/maps shows /memfd:uprobe-opt (deleted)
+
+
+def _pages(size: int) -> int:
+    return (size + PAGE - 1) & ~(PAGE - 1)
+
+
+def counter_bytes(nslots: int) -> int:
+    """Data bytes of a counter of ``nslots`` per-CPU slots (plus the shared one)."""
+    return 64 * (nslots + 1)
 
 
 class NoDetourSpace(Exception):
@@ -58,24 +68,31 @@ class Counter:
 
 
 class DetourArea:
-    def __init__(self, target, addr: int, slot_size: int):
+    """One area at ``addr`` (target address): ``code_size`` bytes of slots, then
+    ``data_size`` bytes of shared data (page multiples; CODE_SIZE and DATA_SIZE at
+    least, more for a batch of sites that needs it)."""
+
+    def __init__(self, target, addr: int, slot_size: int, code_size: int = CODE_SIZE,
+                 data_size: int = DATA_SIZE):
         self.target = target
         self.code_addr = addr
-        self.data_addr = addr + CODE_SIZE
+        self.code_size, self.data_size = code_size, data_size
+        self.size = code_size + data_size
+        self.data_addr = addr + code_size
         self.slot_size = slot_size
         self.next_slot = 0
-        self.nslots = CODE_SIZE // slot_size - 1     # the last slot holds the shm path
+        self.nslots = code_size // slot_size - 1     # the last slot holds the shm path
         self.next_data = 0
         self.shm = None
         self.data_inode = None
         self.mapped = False
 
     def contains(self, addr: int) -> bool:
-        return self.code_addr <= addr < self.code_addr + AREA_SIZE
+        return self.code_addr <= addr < self.code_addr + self.size
 
     def in_reach(self, addr: int) -> bool:
         return (abs(self.code_addr - addr) < REACH
-                and abs(self.code_addr + CODE_SIZE - addr) < REACH)
+                and abs(self.code_addr + self.code_size - addr) < REACH)
 
     def alloc_slot(self) -> int | None:
         if self.next_slot >= self.nslots:
@@ -88,11 +105,10 @@ class DetourArea:
         """A counter of ``nslots`` per-CPU slots plus one shared slot: the slot of
         threads without an rseq area (x86 HandlerSpec.counter_slots == nslots + 1);
         value() sums them all."""
-        nslots += 1
-        size = 64 * nslots
-        if self.next_data + size > DATA_SIZE:
+        size = counter_bytes(nslots)
+        if self.next_data + size > self.data_size:
             return None
-        counter = Counter(self, self.next_data, nslots)
+        counter = Counter(self, self.next_data, nslots + 1)
         self.next_data += size
         return counter
 
@@ -101,12 +117,12 @@ class DetourArea:
         """Map code (r-x, private) and data (rw-, shared with the tracer) at code_addr.
         All threads must be stopped (remote syscalls)."""
         t = self.target
-        t.mmap(self.code_addr, CODE_SIZE, PROT_READ | PROT_EXEC,
+        t.mmap(self.code_addr, self.code_size, PROT_READ | PROT_EXEC,
                MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE)
         try:
             self._map_shared_data()
         except Exception:
-            t.munmap(self.code_addr, CODE_SIZE)
+            t.munmap(self.code_addr, self.code_size)
             raise
         self.mapped = True
 
@@ -114,7 +130,7 @@ class DetourArea:
         # The path string must be in target memory for openat(2): put it in the
         # reserved last slot of our own code page (readable, never executed).
         scratch = self.code_addr + self.nslots * self.slot_size
-        _, self.shm, self.data_inode = map_shared_file(self.target, DATA_SIZE, scratch,
+        _, self.shm, self.data_inode = map_shared_file(self.target, self.data_size, scratch,
                                                        self.data_addr)
 
     def is_ours(self, maps) -> bool:
@@ -124,11 +140,11 @@ class DetourArea:
         data = next((m for m in maps if m.start == self.data_addr), None)
         return (code is not None and code.end == self.data_addr and code.inode == 0
                 and code.perms.startswith("r-x") and data is not None
-                and data.end == self.data_addr + DATA_SIZE
+                and data.end == self.data_addr + self.data_size
                 and data.inode == self.data_inode)
 
     def unmap(self) -> None:
-        self.target.munmap(self.code_addr, AREA_SIZE)
+        self.target.munmap(self.code_addr, self.size)
         self.mapped = False
 
 
@@ -213,43 +229,60 @@ class DetourPool:
         # context manager factory stopping all threads (remote mmap needs it)
         self.stopped = stopped or contextlib.nullcontext
 
-    def _area_near(self, addr: int) -> DetourArea:
+    def _area_near(self, addr: int, data: int = 0) -> DetourArea:
         for area in self.areas:
-            if area.in_reach(addr) and area.next_slot < area.nslots:
+            if area.in_reach(addr) and area.next_slot < area.nslots and \
+                    area.next_data + data <= area.data_size:
                 return area
         with self.stopped():
             return self._map_near(addr)
 
-    def _map_near(self, addr: int) -> DetourArea:
-        base = find_gap(self.target.maps(), addr, AREA_SIZE)
-        area = DetourArea(self.target, base, self.slot_size)
+    def _map_near(self, addr: int, slots: int = 0, data: int = 0) -> DetourArea:
+        """A new area near ``addr`` with room for ``slots`` slots and ``data`` bytes
+        (at least the default sizes; at most MAX_AREA_PART each)."""
+        code_size = _pages(max(CODE_SIZE, min((slots + 1) * self.slot_size, MAX_AREA_PART)))
+        data_size = _pages(max(DATA_SIZE, min(data, MAX_AREA_PART)))
+        base = find_gap(self.target.maps(), addr, code_size + data_size)
+        area = DetourArea(self.target, base, self.slot_size, code_size, data_size)
         area.map()
         self.areas.append(area)
         return area
 
-    def ensure_near(self, addrs) -> int:
-        """Map, in one window, every area the slots for ``addrs`` (one slot each;
-        target addresses) will need, so that the slots can then be filled while the
-        target runs.  Returns how many areas were mapped; NoDetourSpace as slot_near."""
-        addrs = list(addrs)
-        if self._unplaced(addrs, map_missing=False) == 0:
+    def ensure_near(self, needs) -> int:
+        """Map, in one window, every area the sites of ``needs`` will take their slots
+        and counters from, so that those can then be filled while the target runs.
+        ``needs``: {target address: (code slots, data bytes)}, each site's slots and
+        counters coming from one area within rel32 reach of it.  Returns how many
+        areas were mapped; NoDetourSpace as slot_near."""
+        needs = dict(needs)
+        if self._unplaced(needs, map_missing=False) == 0:
             return 0
         with self.stopped():
-            return self._unplaced(addrs, map_missing=True)
+            return self._unplaced(needs, map_missing=True)
 
-    def _unplaced(self, addrs: list[int], map_missing: bool) -> int:
-        free = {id(a): a.nslots - a.next_slot for a in self.areas}
+    def _unplaced(self, needs: dict, map_missing: bool) -> int:
+        free = {id(a): [a.nslots - a.next_slot, a.data_size - a.next_data]
+                for a in self.areas}
+
+        def fits(area, addr, slots, data):
+            room = free[id(area)]
+            return area.in_reach(addr) and room[0] >= slots and room[1] >= data
         count = 0
-        for addr in addrs:
-            area = next((a for a in self.areas if a.in_reach(addr) and free[id(a)] > 0),
-                        None)
+        left = list(needs.items())
+        for i, (addr, (slots, data)) in enumerate(left):
+            area = next((a for a in self.areas if fits(a, addr, slots, data)), None)
             if area is None:
                 count += 1
                 if not map_missing:
                     continue
-                area = self._map_near(addr)
-                free[id(area)] = area.nslots
-            free[id(area)] -= 1
+                # Sized for every site still to place within reach of this one: one
+                # area (one set of remote system calls) for a batch of a module.
+                near = [need for a, need in left[i:] if abs(a - addr) < REACH // 2]
+                area = self._map_near(addr, sum(n[0] for n in near),
+                                      min(sum(n[1] for n in near), MAX_AREA_PART))
+                free[id(area)] = [area.nslots, area.data_size]
+            free[id(area)][0] -= slots
+            free[id(area)][1] -= data
         return count
 
     def slot_anywhere(self) -> int:
@@ -273,7 +306,7 @@ class DetourPool:
         return area.alloc_slot()
 
     def counter_near(self, addr: int, nslots: int) -> Counter:
-        area = self._area_near(addr)
+        area = self._area_near(addr, data=counter_bytes(nslots))
         counter = area.alloc_counter(nslots)
         if counter is None:
             raise NoDetourSpace(f"detour data page near {addr:#x} is full")

@@ -16,6 +16,7 @@ int3, ``set_orig_insn``), then our int3 is rewritten or the original kept.
 from __future__ import annotations
 
 import os
+import sys
 
 from uprobe_opt.errors import TargetError
 
@@ -39,6 +40,19 @@ class KernelService:
                 self.enabled = False
         else:
             self.reason = "kernel uprobes turned off"
+
+    @property
+    def closing(self) -> bool:
+        """Some kernel uprobe of this tracer process is still being closed."""
+        perf = sys.modules.get("uprobe_opt.target.perf")   # never loaded: none
+        return perf is not None and perf.closing()
+
+    @staticmethod
+    def wait_closed(file_id: tuple) -> None:
+        """Wait until no kernel uprobe of ours at ``file_id`` (dev, inode, offset) is
+        still closing (see uprobe_opt.target.perf.wait_closed)."""
+        from uprobe_opt.target import perf
+        perf.wait_closed(file_id[1], file_id[2])
 
     # -- predicates --------------------------------------------------------------------
     def can_serve(self, site) -> str | None:

@@ -33,7 +33,7 @@ import time
 import traceback
 from typing import Callable
 
-from uprobe_opt.core.detour import AREA_SIZE, DetourPool, NoDetourSpace
+from uprobe_opt.core.detour import DetourPool, NoDetourSpace, counter_bytes
 from uprobe_opt.core.probe import HANDLER_KINDS, USDT_REFUSAL, Probe, Site, site_counts
 from uprobe_opt.core.regs import GPR_NAMES, Regs
 from uprobe_opt.errors import (ProcessGone, SymbolError, TargetError,
@@ -41,6 +41,7 @@ from uprobe_opt.errors import (ProcessGone, SymbolError, TargetError,
 
 MAX_EXIT_LEAD = 64   # bytes an exit's jump may start before its site (the whole
                      # instructions its jump covers up to the return); checked per site
+PAGE = 4096
 STACK_SCAN_LIMIT = 256 * 1024   # bytes of each thread's live stack scanned at quiescence
 SETTLE_LIMIT = 0.5              # s the detach lets threads found inside a detour area run
 RETRY_DELAY = 0.005             # seconds before a deferred site is tried again
@@ -85,6 +86,9 @@ class ProbeManager:
         self._warned_rip = False
         self._maps_cache: tuple[int, list] | None = None   # (window number, maps)
         self.window = 0                          # incremented at every window edge
+        self._pages: dict[int, bytes] = {}       # code pages read in this window
+        self._starts_of, self._starts = None, []  # _map_starts
+        self._pages_gen: tuple | None = None     # target.generation they belong to
         target.fork_hook = self.on_fork
         arch.shadow_stack = _uses_shadow_stack(target.pid)
 
@@ -93,7 +97,7 @@ class ProbeManager:
         """Target bytes at [addr, addr+size) with our own patches replaced by the
         original bytes (kernel recover_probed_instruction): analysis never sees them.
         ``skip``: a site whose patch is left as it is."""
-        buf = bytearray(self.target.read(addr, size))
+        buf = bytearray(self._read_code(addr, size))
         end = addr + size
         # Only sites whose patch can reach into the range: a jump starts at most
         # MAX_EXIT_LEAD bytes before its site (an exit's region), never after it.
@@ -111,6 +115,47 @@ class ProbeManager:
                 if lo < hi:
                     buf[lo - addr:hi - addr] = orig[lo - at:hi - at]
         return bytes(buf)
+
+    def _read_code(self, addr: int, size: int) -> bytes:
+        """Target bytes; in a window (every thread stopped, nothing can change them
+        but our own writes) each page is read once: a batch of 1,000 sites verifies
+        and patches with one system call per site instead of five."""
+        gen = self.target.generation
+        if self._pages_gen != gen:
+            if not self.target.stopped:
+                return self.target.read(addr, size)
+            self._pages, self._pages_gen = {}, gen
+        out = bytearray()
+        at, end = addr, addr + size
+        while at < end:
+            page = at & ~(PAGE - 1)
+            data = self._pages.get(page)
+            if data is None:
+                try:
+                    data = self._pages[page] = self.target.read(page, PAGE)
+                except TargetError:
+                    return self.target.read(addr, size)   # the error names addr
+            stop = min(end, page + PAGE)
+            out += data[at - page:stop - page]
+            at = stop
+        return bytes(out)
+
+    def _write_code(self, addr: int, data: bytes) -> None:
+        """target.write, keeping the window's page cache of _read_code true."""
+        gen = self.target.generation
+        self.target.write(addr, data)
+        if self._pages_gen != gen:
+            return
+        self._pages_gen = self.target.generation
+        at, end = addr, addr + len(data)
+        while at < end:
+            page = at & ~(PAGE - 1)
+            stop = min(end, page + PAGE)
+            if page in self._pages:
+                buf = bytearray(self._pages[page])
+                buf[at - page:stop - page] = data[at - addr:stop - addr]
+                self._pages[page] = bytes(buf)
+            at = stop
 
     def _stopped(self):
         return _AllStopped(self, self.pauses)
@@ -136,10 +181,19 @@ class ProbeManager:
         make one read skip a mapping that is there.  While it runs, a mapping missing
         is believed only when three reads agree."""
         for _ in range(1 if self.target.stopped else 3):
-            m = next((m for m in self._maps() if m.start <= addr < m.end), None)
-            if m is not None:
-                return m.file_id(addr)
+            maps = self._maps()
+            starts = self._map_starts(maps)
+            i = bisect.bisect_right(starts, addr) - 1
+            if i >= 0 and addr < maps[i].end:
+                return maps[i].file_id(addr)
         return None
+
+    def _map_starts(self, maps: list) -> list[int]:
+        """Sorted start addresses of ``maps`` (as /proc/PID/maps lists them), kept
+        for the list the window's cache holds."""
+        if self._starts_of is not maps:
+            self._starts_of, self._starts = maps, [m.start for m in maps]
+        return self._starts
 
     def _verify(self, site: Site) -> bool:
         """Before a write at ``site``: the same file byte is mapped there as when it was
@@ -295,9 +349,10 @@ class ProbeManager:
             self.progress("arming", i, len(items))
             if addr not in self.sites and addr not in news:
                 news[addr] = self._new_site(addr, item[0], register=False)
-        # The XOL copies are built and written while the target runs (fresh slots no
-        # thread can reach); only mapping their areas needs a window.
-        self.pool.ensure_near(news)
+        # The XOL copies (and, below, the detours) are built and written while the
+        # target runs (fresh slots no thread can reach); only mapping their areas (and
+        # the record ring) needs a window: one for the batch.
+        self._map_areas(news, {addr: item[1] for addr, item in zip(addrs, items)})
         for site in news.values():
             self._prepare_xol(site)
         window = self._arming_window(addrs)     # decided before the new sites exist
@@ -332,6 +387,26 @@ class ProbeManager:
         self.progress("arming", len(items), len(items))
         return made
 
+    def _map_areas(self, news: dict, handlers: dict) -> None:
+        """Map, in one window, the detour areas (and the record ring) the fresh sites
+        ``news`` ({addr: Site}) will use: an XOL slot each, and for a site to be
+        optimized a detour slot and its counters (``handlers``: {addr: handler})."""
+        counter = counter_bytes(self.ncpu_slots)
+        data = {"count": counter, "record": counter + counter_bytes(1)}
+        needs = {}
+        for addr, site in news.items():
+            optimize = site.want_optimize
+            needs[addr] = (1 + optimize, data.get(handlers[addr], 0) if optimize else 0)
+        ring = self.records.ring is None and "record" in handlers.values() and news
+        if not ring:
+            self.pool.ensure_near(needs)
+            return
+        first = next(iter(news))
+        needs[first] = (needs[first][0] + 1, needs[first][1])   # the ring's scratch slot
+        with self._stopped():
+            self.pool.ensure_near(needs)
+            self.records.ensure_ring(first)
+
     def _arming_window(self, addrs: list[int]):
         """The window arming needs, or None when it needs none.  Writing an int3 over an instruction's
         first byte is a one-byte store, atomic for instruction fetch (the first step
@@ -342,12 +417,12 @@ class ProbeManager:
         in an optimized region (the region is unoptimized: a multi-byte write)."""
         if self.target.released or self.target.stopped:
             return self._stopped()
+        if any(addr in self.sites for addr in addrs):
+            return self._stopped()
+        regions = [o.region for o in self.sites.values() if o.optimized and o.region]
         for addr in addrs:
-            if addr in self.sites:
-                return self._stopped()
-            for other in self.sites.values():
-                if other.optimized and other.region is not None and (
-                        self.arch.within(other.region, addr) or other.region.addr == addr):
+            for region in regions:
+                if self.arch.within(region, addr) or region.addr == addr:
                     return self._stopped()
         return None
 
@@ -574,6 +649,10 @@ class ProbeManager:
         elif not self._verify(site):
             return
         self.original.setdefault(site.addr, site.orig[: self.arch.jump_size])
+        if site.file_id is not None and self.kernel.closing:
+            # A kernel uprobe of ours still closing at this file byte would take our
+            # int3's hits (and remove the int3): let its close finish first.
+            self.kernel.wait_closed(site.file_id)
         self.target.write(site.addr, self.arch.breakpoint)
         site.armed = True
         self.former_sites.add(site.addr)
@@ -738,8 +817,10 @@ class ProbeManager:
             site.missed = self.pool.counter_near(site.addr, 1)
             for p in site.probes:
                 p._snap[1] = 0
-        with self._stopped():
-            ring = self.records.ensure_ring(site.addr)
+        ring = self.records.ring
+        if ring is None:
+            with self._stopped():
+                ring = self.records.ensure_ring(site.addr)
         return self.arch.handler_spec(
             "record", counter_addr=site.counter.addr, ncpu_slots=self.ncpu_slots,
             rseq_offset=self.rseq_offset, ring_addr=ring.addr, ring_mask=ring.mask,
@@ -823,8 +904,11 @@ class ProbeManager:
         if not self._verify(site):
             return
         self.original.setdefault(at, site.region.orig[: self.arch.jump_size])
-        self.target.write(at + 1, tail)
-        self.target.write(at, head)
+        if self.target.stopped:
+            self._write_code(at, head + tail)   # no thread can see the bytes between
+        else:
+            self.target.write(at + 1, tail)
+            self.target.write(at, head)
         site.optimized = True
         site.refusal = None
         site.deferred = None
@@ -1070,7 +1154,7 @@ class ProbeManager:
         stands inside the jump's bytes: every arrival at its first byte jumps away."""
         if not self._verify(site):
             return
-        self.target.write(site.region.addr, site.region.orig[:self.arch.jump_size])
+        self._write_code(site.region.addr, site.region.orig[:self.arch.jump_size])
         site.optimized = False
         if site.region.addr <= site.addr < site.region.addr + self.arch.jump_size:
             site.armed = False           # its breakpoint byte was under the jump
@@ -1091,7 +1175,7 @@ class ProbeManager:
         for area in self.pool.areas:
             if not area.mapped:
                 continue
-            lo, hi = np.uint64(area.code_addr), np.uint64(area.code_addr + AREA_SIZE)
+            lo, hi = np.uint64(area.code_addr), np.uint64(area.code_addr + area.size)
             inside = {tid for tid, ws in words.items() if ((ws >= lo) & (ws < hi)).any()}
             if inside:
                 busy |= inside

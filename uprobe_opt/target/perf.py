@@ -45,6 +45,7 @@ PERF_RECORD_LOST record.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -397,6 +398,28 @@ def _remove_stale_groups() -> None:
                 pass
 
 
+# Events closing on background threads, by (inode, file offset) of their site.  Until
+# such a close is done the kernel's uprobe there is still registered, and an int3 we
+# write at that file byte in any process is the kernel's to handle: finding no
+# consumer for that process it removes the int3 (``unapply_uprobe``) and the hit is
+# lost.  wait_closed() joins them first.
+_CLOSING: dict[tuple[int, int], list] = {}
+
+
+def closing() -> bool:
+    """Some event of ours is still being closed on a background thread."""
+    for key in [k for k, ths in _CLOSING.items() if not any(t.is_alive() for t in ths)]:
+        del _CLOSING[key]
+    return bool(_CLOSING)
+
+
+def wait_closed(inode: int, offset: int, timeout: float = 5.0) -> None:
+    """Return once no event of ours at that file byte is still being closed (at most
+    ``timeout`` s).  Cheap when none is."""
+    for th in _CLOSING.pop((inode, offset), None) or ():
+        th.join(timeout)
+
+
 # -- the set of kernel uprobes of one process ----------------------------------------
 @dataclass
 class _Site:
@@ -644,9 +667,21 @@ class KernelUprobes:
             work()
         else:
             import threading
-            th = threading.Thread(target=work, name="uprobe-opt perf close", daemon=True)
+
+            def background():
+                # Not at the real-time priority of the window it was started in.
+                with contextlib.suppress(OSError):
+                    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+                work()
+            th = threading.Thread(target=background, name="uprobe-opt perf close",
+                                  daemon=True)
             th.start()
             self.closing.append(th)
+            try:
+                key = (os.stat(site.path).st_ino, site.offset)
+            except OSError:
+                return
+            _CLOSING.setdefault(key, []).append(th)
 
     def close(self, *, wait: bool = True) -> None:
         """Drain, then close everything (idempotent).  ``wait`` False: the events are

@@ -419,6 +419,41 @@ class _Wakeup:
             foreign = foreign or any(b != signal.SIGCHLD for b in data)
 
 
+class _Urgency:
+    """The tracer's thread at real-time priority (SCHED_FIFO 1) while it keeps the
+    target stopped: on a busy machine a window otherwise lasts several times its CPU
+    time, the tracer waiting for a CPU behind every runnable task while the target
+    cannot run (``man 7 sched``).  Needs CAP_SYS_NICE (or RLIMIT_RTPRIO); without it
+    nothing changes.  Bounded: a window is milliseconds, and the kernel's real-time
+    throttling (sched_rt_runtime_us) leaves the other tasks a share even then."""
+
+    def __init__(self):
+        self.saved: tuple | None = None          # (policy, priority) to go back to
+
+    def raise_(self) -> None:
+        if self.saved is not None:
+            return
+        try:
+            policy, prio = os.sched_getscheduler(0), os.sched_getparam(0).sched_priority
+            if policy != os.SCHED_OTHER:
+                return                           # the user chose a policy: keep it
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+        except OSError:
+            return
+        self.saved = (policy, prio)
+
+    def lower(self) -> None:
+        if self.saved is None:
+            return
+        policy, prio = self.saved
+        self.saved = None
+        try:
+            os.sched_setscheduler(0, policy, os.sched_param(prio))
+        except OSError:
+            pass
+
+
+
 # --------------------------------------------------------------------------- Target
 class Target:
     """A traced process. Build with :meth:`attach` or :meth:`spawn`; see docs/internals.md.
@@ -460,6 +495,10 @@ class Target:
         self._window = 0                   # stop_all calls (seccomp filters re-read)
         self._filters = None               # ((tid, window), cBPF programs)
         self._wakeup = _Wakeup.acquire()
+        self._urgency = _Urgency()         # while every thread is stopped
+        self._runs = 0                     # resumes, stops, seizes, execs (generation)
+        self._writes = 0                   # writes through write() (generation)
+        self._stopped_at = None            # (_runs, threads) when stopped was true
 
     def __repr__(self) -> str:
         return f"<Target pid={self.pid} threads={len(self._threads)} exited={self.exited}>"
@@ -483,10 +522,23 @@ class Target:
         return self._released
 
     @property
+    def generation(self) -> tuple[int, int]:
+        """Changes whenever a thread may have run or we wrote: memory read while
+        :attr:`stopped` stays valid while this stays the same (caches of code bytes
+        for one window key on it)."""
+        return self._runs, self._writes
+
+    @property
     def stopped(self) -> bool:
         """True when every live traced thread is in a ptrace-stop."""
+        key = (self._runs, len(self._threads))
+        if self._stopped_at == key:
+            return True             # nothing resumed since: still true (cheap in loops)
         live = [t for t in self._threads.values() if not t.zombie]
-        return bool(live) and all(t.stopped for t in live)
+        quiet = bool(live) and all(t.stopped for t in live)
+        if quiet:
+            self._stopped_at = key
+        return quiet
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -603,6 +655,7 @@ class Target:
             _, status = os.waitpid(self.pid, pt.WALL)
             if os.WIFEXITED(status) or os.WIFSIGNALED(status):
                 self._threads.clear()
+                self._runs += 1
                 self.exited, self.exit_status = True, status
                 code = os.read(err_r, 64).decode() or "0"
                 if code != "0":
@@ -654,6 +707,7 @@ class Target:
                 _, status = os.waitpid(self.pid, pt.WALL)
                 if os.WIFEXITED(status) or os.WIFSIGNALED(status):
                     self._threads.clear()
+                    self._runs += 1
                     self.exited, self.exit_status = True, status
                     raise TargetExited(f"process {self.pid} exited before its entry point "
                                        f"{entry:#x}", pid=self.pid, status=status)
@@ -692,9 +746,12 @@ class Target:
         A released Target seizes every thread first (AccessDenied if another tracer
         attached meanwhile); an exec that happened while released is reported as an
         ExecEvent (the write fence is up before anything can be written)."""
+        self._urgency.raise_()
+        self._runs += 1
         if self._released:
             self._reseize()
             if self.exited:
+                self._urgency.lower()
                 return
         self._window += 1
         self._all_stopped = True
@@ -711,6 +768,7 @@ class Target:
         for t in list(self._threads.values()):
             if t.stopped and not (t.held or t.exec_hold):
                 self._resume_thread(t)
+        self._urgency.lower()
 
     @_boundary
     def resume(self, tid: int, sig: int = 0) -> None:
@@ -745,6 +803,7 @@ class Target:
             return False                          # no pidfd: we could not see the exit
         dying = [t for t in list(self._threads.values()) if not self._detach_thread(t)]
         self._threads.clear()
+        self._runs += 1
         self._all_stopped = False
         if dying:
             # Killed in the window (SIGKILL wakes a stopped tracee): each such thread
@@ -753,6 +812,8 @@ class Target:
             self._reap_dying(dying)
             return False
         self._released = True
+        self._runs += 1
+        self._urgency.lower()
         m = next((m for m in self._read_maps() if m.perms[0] == "r"), None)
         self._exec_probe = None if m is None else m.start
         return True
@@ -939,6 +1000,7 @@ class Target:
                 t.zombie = True
 
     def _resume_thread(self, t: _Thread) -> None:
+        self._runs += 1
         sig = t.sigs.pop(0) if t.sigs else 0
         try:
             if t.group_stop and not sig:
@@ -961,6 +1023,7 @@ class Target:
                 raise
             pt.cont(t.tid, 0)
         t.stopped, t.regs = False, None
+        self._runs += 1
 
     def _resend(self, t: _Thread) -> None:
         """Signals beyond the one CONT can deliver are re-sent to the thread."""
@@ -1065,6 +1128,7 @@ class Target:
         return count
 
     def _dispatch(self, tid: int, status: int) -> None:
+        self._runs += 1                    # a thread ran up to this status
         t = self._threads[tid]
         if os.WIFEXITED(status) or os.WIFSIGNALED(status):
             self._on_exit(t, status)
@@ -1274,6 +1338,7 @@ class Target:
         self._events = [e for e in self._events if not isinstance(e, TrapEvent)]
         self._mem.open()
         self._gadget = None
+        self._runs += 1
         self.exec_count += 1               # write fence: see accept_exec()
         self._events.append(ExecEvent(t.tid))
         if self.hold_exec:
@@ -1303,6 +1368,7 @@ class Target:
         ProcessGone once the process exec'd (see :meth:`accept_exec`)."""
         self._check_alive()
         self._check_image()
+        self._writes += 1
         self._mem.write(addr, data)
 
     def accept_exec(self) -> None:
@@ -1456,6 +1522,29 @@ class Target:
         except pt.PtraceOSError:
             return None                    # a group-stop: no siginfo
 
+    def _wait_thread(self, t: _Thread) -> int:
+        """waitpid(t.tid, __WALL) for a thread we just resumed or stepped.  A group
+        leader killed meanwhile reports its exit only after every other thread of
+        its group was reaped (``man 2 ptrace``): waiting for it alone would wait
+        forever, so the others' exits are reaped (and dispatched) meanwhile."""
+        if t.tid != t.proc:
+            return os.waitpid(t.tid, pt.WALL)[1]
+        pause = 0.0001
+        while True:
+            wpid, status = os.waitpid(t.tid, pt.WALL | os.WNOHANG)
+            if wpid:
+                return status
+            for tid in [tid for tid in self._threads if tid != t.tid]:
+                try:
+                    wpid, st = os.waitpid(tid, pt.WALL | os.WNOHANG)
+                except ChildProcessError:
+                    self._vanished(tid)
+                    continue
+                if wpid:
+                    self._dispatch(tid, st)
+            time.sleep(pause)                  # a step takes microseconds
+            pause = min(pause * 2, 0.005)
+
     def _back_to_group_stop(self, t: _Thread) -> None:
         """After a step the thread sits in a SIGTRAP signal-delivery-stop, where LISTEN
         fails (EIO, ``man 2 ptrace``: LISTEN "works only on tracees ... in
@@ -1464,7 +1553,7 @@ class Target:
         pt.interrupt(t.tid)
         pt.cont(t.tid, 0)
         t.stopped = False
-        _, status = os.waitpid(t.tid, pt.WALL)
+        status = self._wait_thread(t)
         if not os.WIFSTOPPED(status):
             self._dispatch(t.tid, status)
             return
@@ -1510,7 +1599,7 @@ class Target:
         for _ in range(1000):
             pt.singlestep(t.tid)
             t.stopped, t.regs = False, None
-            _, status = os.waitpid(t.tid, pt.WALL)
+            status = self._wait_thread(t)
             if not os.WIFSTOPPED(status):
                 self._dispatch(t.tid, status)
                 raise ThreadGone(f"thread {t.tid} exited during a remote syscall",
@@ -1645,12 +1734,14 @@ class Target:
         self._released_exit()
 
     def _close(self) -> None:
+        self._urgency.lower()
         self._mem.close()
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
         self._released = False
         self._threads.clear()
+        self._runs += 1
         if not self._closed and self._wakeup:
             _Wakeup.release()
         self._closed = True
