@@ -499,6 +499,7 @@ class Target:
         self._runs = 0                     # resumes, stops, seizes, execs (generation)
         self._writes = 0                   # writes through write() (generation)
         self._stopped_at = None            # (_runs, threads) when stopped was true
+        self._foreign = False              # a tracer signal drained outside _wait
 
     def __repr__(self) -> str:
         return f"<Target pid={self.pid} threads={len(self._threads)} exited={self.exited}>"
@@ -1055,7 +1056,8 @@ class Target:
         reap, so a SIGCHLD arriving after the reap always wakes the select()."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            foreign = _Wakeup.drain() if self._wakeup else False
+            foreign = (_Wakeup.drain() if self._wakeup else False) or self._foreign
+            self._foreign = False            # a signal seen by _wait_thread meanwhile
             self._reap_ready()
             if until() or foreign:
                 return
@@ -1529,8 +1531,9 @@ class Target:
         forever, so the others' exits are reaped (and dispatched) meanwhile."""
         if t.tid != t.proc:
             return os.waitpid(t.tid, pt.WALL)[1]
-        pause = 0.0001
         while True:
+            if self._wakeup:       # drained before the reap: a later SIGCHLD wakes us
+                self._foreign |= _Wakeup.drain()
             wpid, status = os.waitpid(t.tid, pt.WALL | os.WNOHANG)
             if wpid:
                 return status
@@ -1542,8 +1545,10 @@ class Target:
                     continue
                 if wpid:
                     self._dispatch(tid, st)
-            time.sleep(pause)                  # a step takes microseconds
-            pause = min(pause * 2, 0.005)
+            if self._wakeup:
+                select.select([_Wakeup.rfd], [], [], 0.005)
+            else:
+                time.sleep(0.0005)
 
     def _back_to_group_stop(self, t: _Thread) -> None:
         """After a step the thread sits in a SIGTRAP signal-delivery-stop, where LISTEN
