@@ -1164,7 +1164,7 @@ def test_detach_under_load(c_target, procs, handler):
         finally:
             t.detach()
         assert tracer_pid(prog.pid) == 0
-        assert exec_mappings(prog.pid) == before
+        assert exec_mappings(prog.pid) == before, t.notes
     code, out = prog.finish(timeout=60)
     assert code == 0 and out.startswith("hammer: 8 threads, total=")
 

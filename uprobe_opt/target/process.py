@@ -1465,6 +1465,7 @@ class Target:
             raise UsageError("a syscall takes at most 6 arguments", pid=self.pid)
         t = self._syscall_thread(tid)
         self._check_image()
+        self._runs += 1                    # the address space may change
         gadget = self._syscall_gadget()
         self._check_seccomp(t, nr, args, gadget)
         saved = pt.getregs(t.tid)
