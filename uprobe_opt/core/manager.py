@@ -1160,8 +1160,11 @@ class ProbeManager:
             site.armed = False           # its breakpoint byte was under the jump
 
     def release_areas(self) -> tuple[list[str], set[int]]:
-        """Unmap detour areas no thread can be in (rip or a live stack word inside).
-        Returns notes about areas left mapped and the tids found inside one."""
+        """Unmap detour areas no thread can be in: its rip, or a live stack word (a
+        signal frame's saved rip: the thread returns there), inside the area's code.
+        Data addresses do not count (a saved register may hold a counter's address;
+        no thread can run there).  Returns notes about areas left mapped and the tids
+        found inside one."""
         notes, busy = [], set()
         maps = self.target.maps()
         words = {}
@@ -1175,12 +1178,18 @@ class ProbeManager:
         for area in self.pool.areas:
             if not area.mapped:
                 continue
-            lo, hi = np.uint64(area.code_addr), np.uint64(area.code_addr + area.size)
-            inside = {tid for tid, ws in words.items() if ((ws >= lo) & (ws < hi)).any()}
+            lo, hi = area.code_addr, area.code_addr + area.code_size
+            inside = {}
+            for tid, ws in words.items():
+                hit = np.nonzero((ws >= np.uint64(lo)) & (ws < np.uint64(hi)))[0]
+                if len(hit):
+                    inside[tid] = ("rip" if hit[0] == 0 else "a stack word",
+                                   int(ws[hit[0]]))
             if inside:
-                busy |= inside
+                busy |= set(inside)
+                tid, (where, w) = next(iter(inside.items()))
                 notes.append(f"detour area at {area.code_addr:#x} left mapped: a thread "
-                             "may still be inside it")
+                             f"may still be inside it (thread {tid}: {where} {w:#x})")
                 continue
             if not area.is_ours(maps):
                 area.mapped = False
