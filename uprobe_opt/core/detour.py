@@ -33,6 +33,7 @@ HEAP_ROOM = 256 << 20               # never place an area within this of [heap]'
 STACK_ROOM = 16 << 20               # nor this close below a stack (it grows down)
 MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS = 0x01, 0x02, 0x20
 MAP_FIXED_NOREPLACE = 0x100000
+MAP_POPULATE = 0x8000
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 SYS_close, SYS_ftruncate, SYS_memfd_create = 3, 77, 319
 MFD_CLOEXEC = 1
@@ -148,14 +149,17 @@ class DetourArea:
         self.mapped = False
 
 
-def map_shared_file(target, size: int, scratch_addr: int, fixed_addr: int | None = None):
+def map_shared_file(target, size: int, scratch_addr: int, fixed_addr: int | None = None,
+                    populate: bool = False):
     """Create a memfd of ``size`` bytes *in the target* (memfd_create(2), so no path is
     involved: a target in its own mount namespace or chroot works), open it from here
     through /proc/PID/fd/N and map it rw- MAP_SHARED in the tracer and in the target
     (at ``fixed_addr`` with MAP_FIXED_NOREPLACE, or where the kernel chooses); then
     the target's descriptor is closed: both mappings stay, no fd is left open in the
     target.  ``scratch_addr``: target memory (in one of our own pages) where the
-    memfd's name is written.  All threads stopped.
+    memfd's name is written.  All threads stopped.  ``populate``: map with MAP_POPULATE
+    (mmap(2)): the kernel allocates every page and fills the target's page tables
+    now, so no store of the target takes a first-touch page fault later.
     Returns (target address, tracer mmap, inode of the memfd)."""
     target.write(scratch_addr, MEMFD_NAME + b"\0")
     tfd = target.syscall(SYS_memfd_create, scratch_addr, MFD_CLOEXEC)
@@ -174,6 +178,7 @@ def map_shared_file(target, size: int, scratch_addr: int, fixed_addr: int | None
         finally:
             os.close(fd)
         flags = MAP_SHARED | (MAP_FIXED_NOREPLACE if fixed_addr is not None else 0)
+        flags |= MAP_POPULATE if populate else 0
         addr = target.mmap(fixed_addr or 0, size, PROT_READ | PROT_WRITE, flags, tfd, 0)
     finally:
         target.syscall(SYS_close, tfd)

@@ -145,7 +145,13 @@ class Records:
             n = records_for_bytes(self.buffer_bytes)
             size = RingBuffer.size_for(n)
             scratch = self.manager.pool.slot_near(near)
-            addr, shm, inode = map_shared_file(self.manager.target, size, scratch)
+            # MAP_POPULATE: without it the target's first store to each ring page
+            # faults inside a detour (measured here: 3,666 faults, 1.7 us each, in a
+            # 500,000-call entry+return run, 12 ns per call pair).  The pages are
+            # allocated inside this window either way (initialize() writes every
+            # record's seq), so populating them costs the pause no more.
+            addr, shm, inode = map_shared_file(self.manager.target, size, scratch,
+                                               populate=True)
             ring = RingBuffer(shm, addr, n)
             ring.inode, ring.size = inode, size
             ring.initialize()
