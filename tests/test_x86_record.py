@@ -34,8 +34,17 @@ FLAGS_MASK = 0xCD5
 REGION = bytes.fromhex("4889f8" "4801f0" "c3")
 
 
+NSLOTS = 8
+STRIDE = RL.ring_size(N)
+SHARED = RL.ring_addr(RING, NSLOTS, N)      # ring 8: threads without rseq, CPUs >= 8
+
+
+def cpu_ring(cpu, base=RING):
+    return RL.ring_addr(base, cpu if 0 <= cpu < NSLOTS else NSLOTS, N)
+
+
 def spec(**kw):
-    base = dict(counter_addr=COUNTERS, ncpu_slots=8, rseq_offset=RSEQ_OFFSET, ring_addr=RING,
+    base = dict(counter_addr=COUNTERS, ncpu_slots=NSLOTS, rseq_offset=RSEQ_OFFSET, ring_addr=RING,
                 ring_mask=N - 1, missed_addr=MISSED, probe_id=0xC0FFEE, nargs=6)
     base.update(kw)
     return HandlerSpec("record", **base)
@@ -55,10 +64,11 @@ def machine(cpu=5, ring=RING):
     for base, size in [(0x400000, 0x10000), (SLOT, 0x1000), (COUNTERS, 0x3000),
                        (STACK_LO, STACK_TOP - STACK_LO), (0x80000000, 0x1000)]:
         uc.mem_map(base, size)
+    count = RL.nrings(NSLOTS, True)          # 8 per-CPU rings, then the shared one
     for r in {RING, ring}:
-        uc.mem_map(r, RL.ring_size(N))
-        buf = bytearray(RL.ring_size(N))
-        RL.init_ring(buf, N)
+        uc.mem_map(r, count * STRIDE)
+        buf = bytearray(count * STRIDE)
+        RL.init_rings(buf, N, count)
         uc.mem_write(r, bytes(buf))
     uc.mem_write(FUNC, REGION)
     uc.mem_write(RSP0 - 0x200, bytes(range(256)) * 2 + bytes(range(255, -1, -1)) * 2)
@@ -164,43 +174,97 @@ def test_handler_spec_validation():
 
 
 # --- the producer ------------------------------------------------------------------------
+@pytest.mark.parametrize("cpu", [13, 3])
 @pytest.mark.parametrize("nargs", [6, 2, 0])
-def test_record_fill_full_and_consumer(nargs):
+def test_record_fill_full_and_consumer(nargs, cpu):
+    """cpu 13 (beyond the 8 per-CPU slots): the shared ring and counter slot 8; cpu 3:
+    ring 3 and slot 3, appended to without a lock, its slots freed by tail alone."""
     want = reference()
     detour = make_detour(spec(nargs=nargs))
-    uc = machine(cpu=13)            # beyond the 8 per-CPU slots: the shared slot 8
+    uc = machine(cpu=cpu)
+    ring = cpu_ring(cpu)
     tscs = []
     # 1. four hits fill the ring: exact records, seq = pos + 1
     for pos in range(N):
         assert run_detour(uc, detour) == want
-        rec = records(uc)[pos]
+        rec = records(uc, ring)[pos]
         assert (rec["seq"], rec["probe_id"], rec["nargs"]) == (pos + 1, 0xC0FFEE, nargs)
         assert rec["args"][:nargs].tolist() == expected_args(nargs)[:nargs]
         assert rec["fs_base"] == FS_BASE
         tscs.append(int(rec["tsc"]))
-        assert u64(uc, RING + RL.HEAD_OFFSET) == pos + 1
+        assert u64(uc, ring + RL.HEAD_OFFSET) == pos + 1
     assert tscs[0] > 0 and tscs == sorted(set(tscs))
     if nargs < 6:                           # the other args are left as they were (0)
-        assert records(uc)["args"][:, nargs:].tolist() == [[0] * (6 - nargs)] * N
-    # 2. no consumer: the fifth hit is dropped and counted, the ring is untouched
-    ring = bytes(uc.mem_read(RING, RL.ring_size(N)))
+        assert records(uc, ring)["args"][:, nargs:].tolist() == [[0] * (6 - nargs)] * N
+    # 2. no consumer: the fifth hit is dropped and counted, every ring is untouched
+    rings = bytes(uc.mem_read(RING, 9 * STRIDE))
     assert run_detour(uc, detour) == want
-    assert bytes(uc.mem_read(RING, RL.ring_size(N))) == ring
+    assert bytes(uc.mem_read(RING, 9 * STRIDE)) == rings
     assert u64(uc, MISSED) == 1
-    # 3. the consumer takes position 0: seq = 0 + N, tail = 1; the next hit reuses slot 0
-    uc.mem_write(RING + RL.HEADER_SIZE + RL.SEQ_OFFSET, (0 + N).to_bytes(8, "little"))
-    uc.mem_write(RING + RL.TAIL_OFFSET, (1).to_bytes(8, "little"))
+    # 3. the consumer takes position 0 (shared ring: seq = 0 + N; both: tail = 1); the
+    #    next hit reuses slot 0
+    if ring == SHARED:
+        uc.mem_write(ring + RL.HEADER_SIZE + RL.SEQ_OFFSET, (0 + N).to_bytes(8, "little"))
+    uc.mem_write(ring + RL.TAIL_OFFSET, (1).to_bytes(8, "little"))
     assert run_detour(uc, detour) == want
-    rec = records(uc)
+    rec = records(uc, ring)
     assert rec["seq"].tolist() == [5, 2, 3, 4]
     assert rec[0]["probe_id"] == 0xC0FFEE and rec[0]["tsc"] > tscs[-1]
     assert rec[0]["args"][:nargs].tolist() == expected_args(nargs)[:nargs]
-    assert RL.read_header(bytes(uc.mem_read(RING, 256)))["head"] == 5
-    assert RL.read_header(bytes(uc.mem_read(RING, 256)))["tail"] == 1
+    assert RL.read_header(bytes(uc.mem_read(ring, 256)))["head"] == 5
+    assert RL.read_header(bytes(uc.mem_read(ring, 256)))["tail"] == 1
     assert u64(uc, MISSED) == 1
     # 4. every hit was counted on this CPU's counter: records + missed == hits
     counters = [u64(uc, COUNTERS + 64 * i) for i in range(9)]
-    assert counters == [0, 0, 0, 0, 0, 0, 0, 0, 6]
+    assert counters == [6 if i == min(cpu, 8) else 0 for i in range(9)]
+    # 5. the other rings were never written
+    for other in range(9):
+        if RL.ring_addr(RING, other, N) != ring:
+            assert records(uc, RL.ring_addr(RING, other, N))["seq"].tolist() == [0, 1, 2, 3]
+
+
+def _record_sequence(detour):
+    """(start, post, abort_ip) of the record's restartable sequence (the second one;
+    the first is the hit counter's)."""
+    assert len(detour.rseq) == 2
+    return detour.rseq[1]
+
+
+@pytest.mark.parametrize("new_cpu", [1, 6, -1])
+def test_record_sequence_aborted_anywhere_commits_once(new_cpu):
+    """The kernel aborts the record's sequence at each of its instructions in turn (a
+    preemption that migrates the thread to ``new_cpu``; -1: its rseq area unregistered
+    meanwhile): exactly one whole record, in the ring of the CPU it ends on; the ring
+    it started in publishes nothing (head unchanged); the hit counted once."""
+    want = reference()
+    detour = make_detour(spec())
+    start, post, abort_ip = _record_sequence(detour)
+    insns = [i.addr for i in decode(detour.code[start - SLOT: post - SLOT], start)]
+    assert len(insns) > 20
+    cs_ptr = FS_BASE + RSEQ_OFFSET + 8
+    for at in insns:
+        uc = machine(cpu=5)
+        fired = []
+
+        def preempt(uc_, address, size, _):
+            if fired or int.from_bytes(uc_.mem_read(cs_ptr, 8), "little") == 0:
+                return
+            fired.append(address)
+            uc_.mem_write(cs_ptr, bytes(8))                          # rseq_ip_fixup
+            uc_.mem_write(FS_BASE + RSEQ_OFFSET + 4, new_cpu.to_bytes(4, "little",
+                                                                     signed=True))
+            uc_.reg_write(X.UC_X86_REG_RIP, abort_ip)
+        assert run_detour(uc, detour, hooks=[(at, preempt)]) == want, hex(at)
+        assert fired == [at]
+        assert u64(uc, cpu_ring(5) + RL.HEAD_OFFSET) == 0, hex(at)
+        ring = cpu_ring(new_cpu)
+        rec = records(uc, ring)
+        assert u64(uc, ring + RL.HEAD_OFFSET) == 1, hex(at)
+        assert (rec[0]["seq"], rec[0]["probe_id"], rec[0]["nargs"]) == (1, 0xC0FFEE, 6)
+        assert rec[0]["args"].tolist() == expected_args(6), hex(at)
+        assert rec[0]["fs_base"] == FS_BASE and rec[0]["tsc"] > 0
+        assert sum(u64(uc, COUNTERS + 64 * i) for i in range(9)) == 1
+        assert u64(uc, MISSED) == 0 and u64(uc, cs_ptr) == 0
 
 
 def _insn_addr(detour, mnemonic, op_str=None):
@@ -217,8 +281,8 @@ def _other_producer(pos):
     def hook(uc_, address, size, _):
         if not done:
             done.append(address)
-            uc_.mem_write(RING + RL.HEAD_OFFSET, (pos + 1).to_bytes(8, "little"))
-            uc_.mem_write(RING + RL.record_offset(pos, N - 1), (pos + 1).to_bytes(8, "little"))
+            uc_.mem_write(SHARED + RL.HEAD_OFFSET, (pos + 1).to_bytes(8, "little"))
+            uc_.mem_write(SHARED + RL.record_offset(pos, N - 1), (pos + 1).to_bytes(8, "little"))
     return hook, done
 
 
@@ -226,18 +290,19 @@ def _other_producer(pos):
                                    ("mov", "rbp, qword ptr [rbx]")])   # seq > pos: reload
 def test_lost_race_takes_next_slot(where):
     """Another producer takes position 0 between our read of head and our CAS (or our
-    read of seq): we must end up in slot 1, slot 0 keeps the other producer's seq."""
+    read of seq): we must end up in slot 1, slot 0 keeps the other producer's seq.
+    (The shared ring: a thread without rseq, cpu_id -1.)"""
     want = reference()
     detour = make_detour(spec())
-    uc = machine()
+    uc = machine(cpu=-1)
     hook, fired = _other_producer(0)
     addr = _insn_addr(detour, *where)
     assert run_detour(uc, detour, hooks=[(addr, hook)]) == want
     assert fired
-    rec = records(uc)
+    rec = records(uc, SHARED)
     assert rec["seq"].tolist() == [1, 2, 2, 3]
     assert rec[1]["args"].tolist() == expected_args(6) and rec[0]["probe_id"] == 0
-    assert u64(uc, RING + RL.HEAD_OFFSET) == 2 and u64(uc, MISSED) == 0
+    assert u64(uc, SHARED + RL.HEAD_OFFSET) == 2 and u64(uc, MISSED) == 0
 
 
 @pytest.mark.parametrize("counter,missed,nargs", [
@@ -257,26 +322,87 @@ def test_far_ring(counter, missed, nargs):
         uc.mem_map(addr, 0x1000)
     for _ in range(N + 2):
         assert run_detour(uc, detour) == want
-    rec = records(uc, ring)
+    rec = records(uc, cpu_ring(2, ring))
     assert rec["seq"].tolist() == [1, 2, 3, 4] and rec["probe_id"].tolist() == [0xC0FFEE] * N
     assert rec["args"][:, :nargs].tolist() == [expected_args(nargs)[:nargs]] * N
     assert rec["fs_base"].tolist() == [FS_BASE] * N
     assert u64(uc, counter + 2 * 64) == N + 2 and u64(uc, missed) == 2
-    assert records(uc)["seq"].tolist() == [0, 1, 2, 3]         # the near ring: untouched
+    assert records(uc, cpu_ring(2))["seq"].tolist() == [0, 1, 2, 3]   # the near rings:
+    assert records(uc, SHARED)["seq"].tolist() == [0, 1, 2, 3]        # untouched
 
 
 def test_record_detour_size():
     """The record detour fits a slot with typical regions (sizes as measured when
-    written; the rseq abort handler and its 32-byte aligned descriptor included), even with all three addresses scattered beyond reach of each other and
-    of the slot; a detour that cannot fit is a Refusal, never an overlong slot."""
+    written: two restartable sequences, the count's and the per-CPU ring's, their abort
+    handlers and 32-byte aligned descriptors, the shared ring's path), even with all
+    three addresses scattered beyond reach of each other and of the slot; a detour that
+    cannot fit is a Refusal, never an overlong slot."""
     prologue = bytes.fromhex("554889e5" "4883ec10" "c3")       # push rbp; mov rbp, rsp; sub
     region = can_optimize(prologue, FUNC, len(prologue), FUNC)
     sizes = {nargs: len(build_detour(region, SLOT, spec(nargs=nargs)).code) for nargs in (6, 2)}
-    assert sizes == {6: 301, 2: 301} and max(sizes.values()) <= SLOT_SIZE
+    assert sizes == {6: 512, 2: 480} and max(sizes.values()) <= SLOT_SIZE
     clustered = spec(ring_addr=FAR, counter_addr=FAR - 0x1000, missed_addr=FAR - 8)
-    assert len(build_detour(region, SLOT, clustered).code) == 330
+    assert len(build_detour(region, SLOT, clustered).code) == 512
     scattered = spec(ring_addr=FAR, counter_addr=FAR - (1 << 40), missed_addr=FAR + (1 << 39))
-    assert len(build_detour(region, SLOT, scattered).code) == 339 <= SLOT_SIZE
+    assert len(build_detour(region, SLOT, scattered).code) == 512 <= SLOT_SIZE
+    shared_only = spec(rseq_offset=None)               # no rseq area known: one ring
+    assert len(build_detour(region, SLOT, shared_only).code) < 300
     assert isinstance(build_detour(region, SLOT, replace(scattered, nargs=2)), Detour)
     long_region = can_optimize(prologue * 2, FUNC, 2 * len(prologue), FUNC)   # fits too
     assert isinstance(build_detour(long_region, SLOT, scattered), Detour)
+
+
+# --- the consumer ------------------------------------------------------------------------
+def _publish(ring, tscs):
+    """Commit records stamped ``tscs`` at the ring's head (as the producers would)."""
+    head = ring.head
+    for k, tsc in enumerate(tscs):
+        pos = head + k
+        rec = ring.records[pos & (len(ring.records) - 1)]
+        rec["probe_id"], rec["nargs"], rec["tsc"], rec["args"][0] = 7, 1, tsc, tsc
+        rec["seq"] = pos + 1
+    ring.header[RL.HEAD_OFFSET // 8] = head + len(tscs)
+
+
+def test_consumer_merges_rings_by_tsc_and_holds_back_later_records():
+    """Two per-CPU rings and the shared one: a drain hands out every committed record
+    stamped before its own TSC read, in TSC order; later ones wait for the next drain
+    (a thread's record on one CPU may be published after the heads were read while
+    its next one, on another CPU, already is: ringlayout.py); slots are freed (tail;
+    the shared ring's seq = pos + N)."""
+    import mmap
+    from uprobe_opt.core.ringbuf import RingBuffer
+    now = [35]
+    shm = mmap.mmap(-1, RingBuffer.size_for(N, 2))
+    rb = RingBuffer(shm, 0, N, 2, rdtsc=lambda: now[0])
+    rb.initialize()
+    cpu0, cpu1, shared = rb.rings
+    _publish(cpu0, [10, 30])
+    _publish(cpu1, [20, 40])
+    _publish(shared, [25])
+    assert rb.pending() == 5
+    got = rb.drain()
+    assert got["tsc"].tolist() == [10, 20, 25, 30] and got["args"][:, 0].tolist() == [10, 20, 25, 30]
+    assert rb.pending() == 1 and rb.held["tsc"].tolist() == [40]
+    assert cpu0.tail == 2 and cpu1.tail == 2 and shared.tail == 1
+    assert int(cpu1.header[RL.TAIL_OFFSET // 8]) == 2
+    assert int(shared.words[0, 0]) == 0 + N                   # the shared slot handed back
+    now[0] = 100                                              # nothing new: the held one
+    assert rb.drain()["tsc"].tolist() == [40] and rb.pending() == 0
+    # a full lap: the per-CPU ring's slots are reused once the tail moved on
+    _publish(cpu0, [101, 102, 103, 104])
+    now[0] = 200
+    assert rb.drain()["tsc"].tolist() == [101, 102, 103, 104] and cpu0.tail == 6
+    assert rb.consumed == 9
+
+
+def test_consumer_one_ring_keeps_reservation_order():
+    """Without per-CPU rings (no rseq area known) one shared ring, drained in
+    reservation order, no TSC read."""
+    import mmap
+    from uprobe_opt.core.ringbuf import RingBuffer
+    shm = mmap.mmap(-1, RingBuffer.size_for(N))
+    rb = RingBuffer(shm, 0, N)
+    rb.initialize()
+    _publish(rb.rings[0], [5, 3, 4])
+    assert rb.drain()["tsc"].tolist() == [5, 3, 4] and rb.tail == 3

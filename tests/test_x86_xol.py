@@ -19,7 +19,7 @@ def xol(hexbytes, addr=ADDR, slot=NEAR):
 
 
 def test_constants():
-    assert BREAKPOINT == b"\xcc" and JMP_REL32_SIZE == 5 and SLOT_SIZE == 512
+    assert BREAKPOINT == b"\xcc" and JMP_REL32_SIZE == 5 and SLOT_SIZE == 768
 
 
 def test_decode_and_str():

@@ -40,6 +40,7 @@ import json
 import os
 import random
 import shutil
+import struct
 import sys
 import time
 from collections import Counter
@@ -478,14 +479,26 @@ def missed_addr(state: State) -> int:
     return state.counter_addr + 64 * (NCPU_SLOTS + 1)
 
 
+def _ring_count(handler) -> int:
+    return RL.nrings(NCPU_SLOTS, handler.per_cpu)
+
+
+def _hit_ring(state: State, handler) -> int:
+    """Address of the ring a hit in ``state`` appends to (its CPU's, or the shared)."""
+    index = state.cpu_id if handler.per_cpu and 0 <= state.cpu_id < NCPU_SLOTS \
+        else RL.shared_index(NCPU_SLOTS, handler.per_cpu)
+    return RL.ring_addr(ring_addr(state), index, RING_RECORDS)
+
+
 def _abort_pc(state: State, detour) -> int | None:
-    """The instruction of the detour's first restartable sequence at which this state
-    is preempted (every other state), or None."""
+    """The instruction of one of the detour's restartable sequences (chosen by the
+    state's seed) at which this state is preempted (every other state), or None."""
     if not detour.rseq or (state.index // 2) % 2:
         return None
-    start, post, _ = detour.rseq[0]
+    rng = random.Random(state.fill_seed)
+    start, post, _ = detour.rseq[rng.randrange(len(detour.rseq))]
     insns = x86.decode(detour.code[start - detour.slot_addr: post - detour.slot_addr], start)
-    return insns[random.Random(state.fill_seed).randrange(len(insns))].addr
+    return insns[rng.randrange(len(insns))].addr
 
 
 def run_detour(pages: dict[int, bytes], state: State, detour, handler=None) -> Outcome:
@@ -494,8 +507,8 @@ def run_detour(pages: dict[int, bytes], state: State, detour, handler=None) -> O
     initialized first; a restartable sequence may be aborted once (_abort_pc)."""
     emu = _Emu(pages, state)
     if handler is not None and handler.kind == "record":
-        buf = bytearray(RL.ring_size(RING_RECORDS))
-        RL.init_ring(buf, RING_RECORDS)
+        buf = bytearray(_ring_count(handler) * RL.ring_size(RING_RECORDS))
+        RL.init_rings(buf, RING_RECORDS, _ring_count(handler))
         base = ring_addr(state)
         for page in range(base, base + len(buf), PAGE):
             emu.map_page(page, bytes(buf[page - base: page - base + PAGE]))
@@ -517,11 +530,17 @@ def run_detour(pages: dict[int, bytes], state: State, detour, handler=None) -> O
         if not detour.slot_addr <= pc < detour.end_addr:
             return ("exit", pc)
         if pc == abort_at:
-            # kernel/rseq.c rseq_ip_fixup: rseq_cs cleared, rip = abort_ip
+            # kernel/rseq.c rseq_ip_fixup: only when rseq_cs points at a descriptor
+            # whose [start_ip, start_ip + post_commit_offset) holds rip; then rseq_cs
+            # is cleared and rip = abort_ip (a preemption elsewhere changes nothing)
             abort_at = None
-            emu.aborted = True
-            emu.uc.mem_write(TLS_BASE + RSEQ_OFFSET + 8, bytes(8))
-            emu.uc.reg_write(_UREG["rip"], detour.rseq[0][2])
+            cs = int.from_bytes(emu.uc.mem_read(TLS_BASE + RSEQ_OFFSET + 8, 8), "little")
+            if cs:
+                _, start, off, abort_ip = struct.unpack("<QQQQ", emu.uc.mem_read(cs, 32))
+                if start <= pc < start + off:
+                    emu.aborted = True
+                    emu.uc.mem_write(TLS_BASE + RSEQ_OFFSET + 8, bytes(8))
+                    emu.uc.reg_write(_UREG["rip"], abort_ip)
             return None
         if pc == detour.handler_addr:
             emu.phase = 0
@@ -598,9 +617,10 @@ def _compare_reads(orig: Outcome, det: Outcome, detour, limit: int) -> list[str]
 
 def _check_record(orig: Outcome, det: Outcome, state: State, handler, step: int) -> list[str]:
     """The ring after one hit: head == step, record 0 whole (seq 1, probe id, nargs,
-    the site's argument registers; at an exit rax and rdx as the exit leaves them)."""
+    the site's argument registers; at an exit rax and rdx as the exit leaves them), in
+    the ring of the state's CPU (the shared one without rseq or beyond the slots)."""
 
-    ring = ring_addr(state)
+    ring = _hit_ring(state, handler)
     raw = bytes(det.emu.uc.mem_read(ring, RL.HEADER_SIZE + RL.RECORD_SIZE))
     head = int.from_bytes(raw[RL.HEAD_OFFSET: RL.HEAD_OFFSET + 8], "little")
     if head != step:
@@ -649,7 +669,7 @@ def compare(orig: Outcome, det: Outcome, state: State, detour,
         if handler.kind == "record":
             diffs += _check_record(orig, det, state, handler, step)
             ring = ring_addr(state)
-            counter |= set(range(ring, ring + RL.ring_size(RING_RECORDS)))
+            counter |= set(range(ring, ring + _ring_count(handler) * RL.ring_size(RING_RECORDS)))
     diffs += _compare_memory(orig, det, counter, state)
     diffs += _compare_reads(orig, det, detour, _scratch_limit(orig, state))
     if diffs and orig.stop[0] in ("error", "fault"):

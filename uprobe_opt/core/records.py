@@ -143,7 +143,11 @@ class Records:
         if self.ring is None:
             from uprobe_opt.core.detour import map_shared_file
             n = records_for_bytes(self.buffer_bytes)
-            size = RingBuffer.size_for(n)
+            # Per-CPU rings when the detours get per-CPU slots: HandlerSpec.per_cpu is
+            # rseq_offset being known, fixed for the tracer's life (Tracer.__init__).
+            per_cpu = self.manager.rseq_offset is not None
+            ncpu = self.manager.ncpu_slots if per_cpu else 0
+            size = RingBuffer.size_for(n, ncpu)
             scratch = self.manager.pool.slot_near(near)
             # MAP_POPULATE: without it the target's first store to each ring page
             # faults inside a detour (measured here: 3,666 faults, 1.7 us each, in a
@@ -152,11 +156,11 @@ class Records:
             # record's seq), so populating them costs the pause no more.
             addr, shm, inode = map_shared_file(self.manager.target, size, scratch,
                                                populate=True)
-            ring = RingBuffer(shm, addr, n)
+            self.clock = TscClock()
+            ring = RingBuffer(shm, addr, n, ncpu, rdtsc=self.clock.rdtsc)
             ring.inode, ring.size = inode, size
             ring.initialize()
             self.ring = ring
-            self.clock = TscClock()
             self.threads.learn()
             # Fixed for the ring's life: every record detour reads the tid in-process.
             self.tid_offset = self.threads.tid_offset

@@ -2,9 +2,10 @@
 
 The record handler stamps each hit with ``rdtsc`` (Intel SDM vol. 2B "RDTSC"; with an
 invariant TSC, ``constant_tsc nonstop_tsc`` in /proc/cpuinfo, it ticks at a constant
-rate on every core).  The tracer reads the same counter with a 12-byte function of its
-own (an executable page mapped read-only after writing: never writable and executable
-at once) and fits ``ns = ns0 + (tsc - tsc0) * slope`` from pairs taken with
+rate on every core).  The tracer reads the same counter with a 15-byte function of its
+own, ``rdtsc; lfence`` (later loads wait for the read: SDM vol. 2B "RDTSC"), on an
+executable page mapped read-only after writing (never writable and executable at
+once), and fits ``ns = ns0 + (tsc - tsc0) * slope`` from pairs taken with
 ``time.monotonic_ns()``; the fit widens as the run goes on, so conversion error falls
 with run length (about 1 ppm after a second).
 """
@@ -14,7 +15,8 @@ import ctypes
 import mmap
 import time
 
-_CODE = bytes.fromhex("0f31" "48c1e220" "4809d0" "c3")   # rdtsc; shl rdx,32; or rax,rdx; ret
+_CODE = bytes.fromhex("0f31" "0faee8" "48c1e220" "4809d0" "c3")
+# rdtsc; lfence; shl rdx, 32; or rax, rdx; ret
 
 
 def _make_rdtsc():

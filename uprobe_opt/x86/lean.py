@@ -178,6 +178,7 @@ class Tail:
 
     def __init__(self):
         self.parts: list = []
+        self.descs: list = []                         # written after every part
         self.rseq: list[tuple[int, int, int]] = []    # (start_ip, post_commit_ip, abort_ip)
         self.data: list[tuple[int, int, str]] = []    # (addr, size, what): not code
         self.start: int | None = None                 # where the out-of-line part starts
@@ -188,17 +189,23 @@ class Tail:
 
     def emit(self, w: TrampolineWriter) -> None:
         self.start = w.pc
-        for fn in self.parts:
+        for fn in self.parts:             # a part may add parts: they run too
+            fn(w)
+        for fn in self.descs:             # 32-byte descriptors side by side: one padding
             fn(w)
         self.end = w.pc
 
 
-def put_counter_inc(w: TrampolineWriter, spec, tail: Tail, idx: str, base: str) -> None:
+def put_counter_inc(w: TrampolineWriter, spec, tail: Tail, idx: str, base: str,
+                    then_rearm: bool = False) -> None:
     """Count one hit into ``spec``'s counter (layout: HandlerSpec.counter_slot_addr).
     ``idx`` and ``base`` are scratch registers the caller saved; flags are clobbered.
 
     Per-CPU (``spec.per_cpu``): the restartable sequence described in the module
-    docstring, fallback ``lock inc`` of slot ``ncpu_slots``.  Else one ``lock inc``."""
+    docstring, fallback ``lock inc`` of slot ``ncpu_slots``.  Else one ``lock inc``.
+    ``then_rearm``: the caller's next instruction stores another descriptor into
+    ``rseq->rseq_cs`` (the record's sequence), so this one is not cleared first: the
+    kernel ignores (and clears) a descriptor whose range does not hold rip."""
     if not spec.per_cpu:
         if fits_rel32(w.pc + 8, spec.counter_addr):
             w.put_riprel(b"\xf0\x48\xff\x05", spec.counter_addr)    # lock inc qword [rip+X]
@@ -224,33 +231,14 @@ def put_counter_inc(w: TrampolineWriter, spec, tail: Tail, idx: str, base: str) 
     post = w.pc
     # 2. No pointer to our descriptor outlives the sequence (see the module docstring).
     w.put_label(done)
-    fs_store64_zero(w, rseq + RSEQ_CS_OFFSET)
+    if not then_rearm:
+        fs_store64_zero(w, rseq + RSEQ_CS_OFFSET)
 
     def out_of_line(w2: TrampolineWriter) -> None:
         w2.put_label(fallback)
         w2.put_asm(f"lock inc qword ptr [{base} + {spec.ncpu_slots * COUNTER_STRIDE}]")
         w2.put_jmp_rel32(done)
-        # ud1 edi, [rip + RSEQ_SIG]: glibc's abort-handler prefix, the signature being
-        # the last 4 bytes before abort_ip (the kernel checks them before jumping).
-        tail.data.append((w2.pc, 7, f"ud1 edi, [rip + {RSEQ_SIG:#x}]: the abort signature "
-                                    "(RSEQ_SIG, the 4 bytes before abort_ip)"))
-        w2.put_bytes(b"\x0f\xb9\x3d" + RSEQ_SIG.to_bytes(4, "little"))
-        w2.put_label(abort)
-        w2.put_jmp_rel32(restart)                   # the kernel cleared rseq_cs: set again
-        pad = -w2.offset % RSEQ_CS_ALIGN
-        if pad:
-            tail.data.append((w2.pc, pad, f"int3 x {pad} (alignment)"))
-        w2.put_bytes(b"\xcc" * pad)
-        w2.put_label(desc)
-        abort_ip = w2.label_addr(abort)
-        # struct rseq_cs: u32 version 0, u32 flags 0, u64 start_ip,
-        # u64 post_commit_offset, u64 abort_ip
-        w2.put_bytes(bytes(8) + start.to_bytes(8, "little") + (post - start).to_bytes(8, "little")
-                     + abort_ip.to_bytes(8, "little"))
-        tail.data.append((w2.label_addr(desc), 32,
-                          f"struct rseq_cs {{version 0, flags 0, start_ip {start:#x}, "
-                          f"post_commit_offset {post - start}, abort_ip {abort_ip:#x}}}"))
-        tail.rseq.append((start, post, abort_ip))
+        _put_rseq_abort(w2, tail, restart, abort, desc, start, post)
     tail.add(out_of_line)
 
 
@@ -276,27 +264,60 @@ def put_count(w: TrampolineWriter, spec, tail: Tail) -> None:
 
 def put_record(w: TrampolineWriter, spec, tail: Tail) -> None:
     """The whole lean record handler: save rax rbx rbp r10 r11 rdx and the flags, count
-    the hit, append the record (ringlayout.py, Vyukov's bounded queue), restore.
+    the hit, append the record (ringlayout.py), restore.
 
-    Registers in the body: r10 = ring header, rax = pos (cmpxchg's implicit operand),
-    rbx = slot, rbp = seq - pos, then pos + 1, r11 scratch, rdx = rdtsc's high half.
-    The argument registers rdi rsi rcx r8 r9 are never written, and rdx only by rdtsc
-    after the arguments are stored, so arguments are stored straight from registers;
-    a recorded register the body writes (or rsp) comes from its saved copy."""
-    from . import ringlayout as RL
-    retry, reload, full, done = (w.new_label(h) for h in ("retry", "reload", "full", "done"))
+    Registers in the body: r10 = ring header, rbx = slot, rbp = pos + 1, rax = pos
+    (cmpxchg's implicit operand), r11 scratch, rdx = rdtsc's high half.  The argument
+    registers rdi rsi rcx r8 r9 are never written; rdx is stored before rdtsc (or, when
+    a restartable sequence may run the fields twice, from its saved copy); a recorded
+    register the body writes (or rsp) comes from its saved copy.
+
+    Per-CPU (``spec.per_cpu``): the CPU's own ring inside a restartable sequence, the
+    commit one plain store of head (_put_percpu_append); a thread without rseq (or a
+    CPU beyond the slots) appends to the shared ring.  Else the shared ring only."""
+    done = w.new_label("done")
     saved = put_save(w, RECORD_CLOBBERS, spec.flags_save, rax_busy=True)
     # 1. The hit counter, before the ring: the tracer may check records + missed == hits.
-    put_counter_inc(w, spec, tail, "r11", "rbx")
-    # 2. Reserve a slot: pos = head; s = rec[pos & mask].seq
-    load_addr(w, "r10", spec.ring_addr)
+    put_counter_inc(w, spec, tail, "r11", "rbx", then_rearm=spec.per_cpu)
+    if spec.per_cpu:
+        _put_percpu_append(w, spec, tail, saved, done)
+    else:
+        load_addr(w, "r10", spec.ring_addr)
+        _put_shared_append(w, spec, tail, saved, done, from_saved_rdx=False)
+    w.put_label(done)
+    put_restore(w, saved)
+
+
+def _put_shared_append(w: TrampolineWriter, spec, tail: Tail, saved: Saved, done,
+                       from_saved_rdx: bool) -> None:
+    """Append to the shared ring whose header is in r10 (Vyukov's bounded queue,
+    ringlayout.py), then jump to (or fall into) ``done``."""
+    from . import ringlayout as RL
+    full = w.new_label("full")
+    _put_shared_reserve(w, spec, full)
+    # 3. The slot is ours: fields, then seq = pos + 1 as the LAST store (release).
+    put_record_fields(w, spec, saved, from_saved_rdx)
+    w.put_asm(f"mov qword ptr [rbx + {RL.SEQ_OFFSET}], rbp")
+    w.put_jmp_rel32(done)
+
+    def out_of_line(w2: TrampolineWriter) -> None:
+        # 4. Full: drop the record, count it (rare: a plain lock inc).
+        w2.put_label(full)
+        _put_missed_inc(w2, spec)
+        w2.put_jmp_rel32(done)
+    tail.add(out_of_line)
+
+
+def _put_shared_reserve(w: TrampolineWriter, spec, full) -> None:
+    """Reserve a slot of the shared ring at r10: rbx = slot, rbp = pos + 1; a full ring
+    jumps to ``full``."""
+    from . import ringlayout as RL
+    retry, reload = w.new_label("retry"), w.new_label("reload")
+    # 2. pos = head; s = rec[pos & mask].seq
     w.put_label(reload)
     w.put_asm(f"mov rax, qword ptr [r10 + {RL.HEAD_OFFSET}]")
     w.put_label(retry)                      # a failed cmpxchg left the new head in rax
-    w.put_asm("mov ebx, eax")
-    w.put_asm(f"and ebx, {spec.ring_mask:#x}")             # 32-bit: ring_mask < 2**32
-    w.put_asm(f"imul rbx, rbx, {RL.RECORD_SIZE}")
-    w.put_asm(f"lea rbx, [r10 + rbx + {RL.HEADER_SIZE}]")
+    _put_slot(w, spec)
     w.put_asm(f"mov rbp, qword ptr [rbx + {RL.SEQ_OFFSET}]")
     w.put_asm("sub rbp, rax")
     w.put_jcc_rel32(0x8, full)             # js: s - pos < 0, last lap's record: full
@@ -304,27 +325,123 @@ def put_record(w: TrampolineWriter, spec, tail: Tail) -> None:
     w.put_asm("lea rbp, [rax + 1]")
     w.put_asm(f"lock cmpxchg qword ptr [r10 + {RL.HEAD_OFFSET}], rbp")
     w.put_jcc_rel8(0x5, retry)             # jne: lost the race; rax = current head
-    # 3. The slot is ours: fields, then seq = pos + 1 as the LAST store (release).
-    put_record_fields(w, spec, saved)
+
+
+def _put_slot(w: TrampolineWriter, spec) -> None:
+    """rbx = address of the slot of position rax in the ring whose header is in r10."""
+    from . import ringlayout as RL
+    w.put_asm("mov ebx, eax")
+    w.put_asm(f"and ebx, {spec.ring_mask:#x}")             # 32-bit: ring_mask < 2**32
+    w.put_asm(f"imul rbx, rbx, {RL.RECORD_SIZE}")
+    w.put_asm(f"lea rbx, [r10 + rbx + {RL.HEADER_SIZE}]")
+
+
+def _put_missed_inc(w: TrampolineWriter, spec) -> None:
+    if fits_rel32(w.pc + 8, spec.missed_addr):
+        w.put_riprel(b"\xf0\x48\xff\x05", spec.missed_addr)     # lock inc qword [rip+X]
+    else:
+        w.put_asm(f"movabs r11, {spec.missed_addr:#x}")
+        w.put_asm("lock inc qword ptr [r11]")
+
+
+def _put_percpu_append(w: TrampolineWriter, spec, tail: Tail, saved: Saved, done) -> None:
+    """Append to this CPU's ring inside a restartable sequence (ringlayout.py PER-CPU
+    RINGS; the rseq mechanics as in put_counter_inc).  An abort restarts the sequence,
+    so its first part may run more than once: before the commit it only writes our
+    slot, which nothing reads before the commit, and rdx is stored from its saved copy
+    (a first pass's rdtsc overwrote the register).
+
+    The shared ring's path (no rseq area, or a CPU beyond the slots) leaves the
+    sequence (rseq_cs = 0) and reserves with lock cmpxchg, then runs the same field
+    stores inside the sequence's range (harmless with rseq_cs cleared: the kernel
+    restarts only a thread whose rseq_cs is set) with r10 pointing at the shared
+    header's SCRATCH word, which the per-CPU commit store then writes instead of head."""
+    from . import ringlayout as RL
+    nrec = spec.ring_mask + 1
+    rseq = spec.rseq_offset
+    restart, shared, full, clear, fields, desc, abort = (w.new_label(h) for h in (
+        "ring_restart", "ring_shared", "ring_full", "ring_clear", "ring_fields",
+        "ring_rseq_cs", "ring_abort"))
+    # 1. rseq->rseq_cs = &desc, then the critical section [start, post).
+    w.put_label(restart)
+    load_addr(w, "r10", spec.ring_addr)
+    lea_riprel(w, "r11", desc)
+    fs_store64(w, "r11", rseq + RSEQ_CS_OFFSET)
+    start = w.pc
+    fs_load32(w, "r11", rseq + RSEQ_CPU_ID_OFFSET)
+    w.put_asm(f"cmp r11d, {spec.ncpu_slots}")
+    w.put_jcc_rel32(0x3, shared)                # jae: unsigned, so -1/-2 go there too
+    w.put_asm(f"imul r11, r11, {RL.ring_size(nrec):#x}")
+    w.put_asm("add r10, r11")                   # r10 = this CPU's ring
+    # 2. pos = head; full when pos - tail >= N (the consumer has not freed the slot).
+    w.put_asm(f"mov rax, qword ptr [r10 + {RL.HEAD_OFFSET}]")
+    w.put_asm("mov rbp, rax")
+    w.put_asm(f"sub rbp, qword ptr [r10 + {RL.TAIL_OFFSET}]")
+    w.put_asm(f"cmp rbp, {nrec:#x}")
+    w.put_jcc_rel32(0x3, full)                  # jae
+    w.put_asm("lea rbp, [rax + 1]")
+    _put_slot(w, spec)
+    # 3. The fields, seq, then the commit: head = pos + 1, the sequence's last store.
+    w.put_label(fields)
+    put_record_fields(w, spec, saved, from_saved_rdx=True)
     w.put_asm(f"mov qword ptr [rbx + {RL.SEQ_OFFSET}], rbp")
-    w.put_label(done)
-    put_restore(w, saved)
+    w.put_asm(f"mov qword ptr [r10 + {RL.HEAD_OFFSET}], rbp")      # the commit
+    post = w.pc
+    # 4. No pointer to our descriptor outlives the sequence (module docstring).
+    w.put_label(clear)
+    fs_store64_zero(w, rseq + RSEQ_CS_OFFSET)
 
     def out_of_line(w2: TrampolineWriter) -> None:
-        # 4. Full: drop the record, count it (rare: a plain lock inc).
-        w2.put_label(full)
-        if fits_disp32(spec.missed_addr - spec.ring_addr):
-            w2.put_asm(f"lock inc qword ptr [r10 + {spec.missed_addr - spec.ring_addr}]")
-        else:
-            w2.put_asm(f"movabs r11, {spec.missed_addr:#x}")
-            w2.put_asm("lock inc qword ptr [r11]")
+        w2.put_label(full)                      # outside [start, post): no abort
+        _put_missed_inc(w2, spec)
+        w2.put_jmp_rel32(clear)
+        w2.put_label(shared)
+        fs_store64_zero(w2, rseq + RSEQ_CS_OFFSET)
+        shared_full = w2.new_label("shared_full")
+        load_addr(w2, "r10", RL.ring_addr(spec.ring_addr, spec.ncpu_slots, nrec))
+        _put_shared_reserve(w2, spec, shared_full)
+        w2.put_asm(f"lea r10, [r10 + {RL.SCRATCH_OFFSET - RL.HEAD_OFFSET}]")
+        w2.put_jmp_rel32(fields)
+        w2.put_label(shared_full)
+        _put_missed_inc(w2, spec)
         w2.put_jmp_rel32(done)
+        _put_rseq_abort(w2, tail, restart, abort, desc, start, post)
     tail.add(out_of_line)
 
 
-def put_record_fields(w: TrampolineWriter, spec, saved: Saved) -> None:
+def _put_rseq_abort(w2: TrampolineWriter, tail: Tail, restart, abort, desc, start: int,
+                    post: int) -> None:
+    """The signature, the abort handler (jump to ``restart``) and the 32-byte aligned
+    struct rseq_cs of the sequence [start, post)."""
+    tail.data.append((w2.pc, 7, f"ud1 edi, [rip + {RSEQ_SIG:#x}]: the abort signature "
+                                "(RSEQ_SIG, the 4 bytes before abort_ip)"))
+    w2.put_bytes(b"\x0f\xb9\x3d" + RSEQ_SIG.to_bytes(4, "little"))
+    w2.put_label(abort)
+    w2.put_jmp_rel32(restart)                   # the kernel cleared rseq_cs: set again
+    abort_ip = w2.label_addr(abort)
+
+    def descriptor(w3: TrampolineWriter) -> None:
+        pad = -w3.offset % RSEQ_CS_ALIGN
+        if pad:
+            tail.data.append((w3.pc, pad, f"int3 x {pad} (alignment)"))
+        w3.put_bytes(b"\xcc" * pad)
+        w3.put_label(desc)
+        # struct rseq_cs: u32 version 0, u32 flags 0, u64 start_ip,
+        # u64 post_commit_offset, u64 abort_ip
+        w3.put_bytes(bytes(8) + start.to_bytes(8, "little")
+                     + (post - start).to_bytes(8, "little") + abort_ip.to_bytes(8, "little"))
+        tail.data.append((w3.label_addr(desc), 32,
+                          f"struct rseq_cs {{version 0, flags 0, start_ip {start:#x}, "
+                          f"post_commit_offset {post - start}, abort_ip {abort_ip:#x}}}"))
+    tail.descs.append(descriptor)
+    tail.rseq.append((start, post, abort_ip))
+
+
+def put_record_fields(w: TrampolineWriter, spec, saved: Saved,
+                      from_saved_rdx: bool = False) -> None:
     """Fill the slot at rbx except seq.  The argument registers are stored first:
-    rdtsc overwrites rdx."""
+    rdtsc overwrites rdx (``from_saved_rdx``: rdx is taken from its saved copy, for
+    code that may run after an rdtsc of an aborted pass)."""
     from . import ringlayout as RL
     regs = spec.record_regs
     for i, reg in enumerate(regs):
@@ -332,7 +449,7 @@ def put_record_fields(w: TrampolineWriter, spec, saved: Saved) -> None:
         if reg == "rsp":
             w.put_asm(f"lea r11, [rsp + {saved.site_rsp_offset}]")
             w.put_asm(f"mov {dest}, r11")
-        elif reg in saved.regs and reg != "rdx":
+        elif reg in saved.regs and (reg != "rdx" or from_saved_rdx):
             w.put_asm(f"mov r11, qword ptr [rsp + {saved.offset(reg)}]")
             w.put_asm(f"mov {dest}, r11")
         else:

@@ -1,11 +1,18 @@
-"""The "record" ring buffer: its layout, the ONE definition.
+"""The "record" ring buffers: their layout, the ONE definition.
 
 Shared by the detour generator (trampoline.py, which writes records from the target)
 and the tracer's consumer (which drains them through its own mapping of the same
 file).  Pure: no keystone, no I/O; numpy is imported only by :func:`record_dtype`.
 
-A ring is one shared mapping: a HEADER_SIZE (4096-byte) header page, then N records of
-RECORD_SIZE bytes (N a power of two), record i at ``HEADER_SIZE + i * RECORD_SIZE``.
+A ring is a HEADER_SIZE (4096-byte) header page, then N records of RECORD_SIZE bytes
+(N a power of two), record i at ``HEADER_SIZE + i * RECORD_SIZE``.  One shared mapping
+holds ``nrings`` rings of the same N, ring i at ``i * ring_size(N)`` (:func:`ring_addr`):
+
+- with per-CPU slots (the thread's ``struct rseq`` known, trampoline.HandlerSpec.per_cpu)
+  rings 0..K-1 belong to CPUs 0..K-1 (K = ncpu_slots) and ring K is shared; a hit
+  appends to its CPU's ring inside a restartable sequence (PER-CPU RINGS below), and
+  a thread with no rseq area or a CPU number >= K appends to the shared ring;
+- without, one ring, shared.
 
 Header (little endian)::
 
@@ -14,6 +21,8 @@ Header (little endian)::
     +128  u64 mask      N - 1
     +136  u32 rsize     RECORD_SIZE
     +140  u32 magic     MAGIC
+    +192  u64 scratch   shared ring only: written by producers, read by no one (the
+                        per-CPU commit store lands here on the shared path: lean.py)
 
 Record (RECORD_SIZE = 80 bytes, little endian)::
 
@@ -42,6 +51,24 @@ Initially ``seq[i] = i``.  A producer reads ``pos = head`` and the seq ``s`` of 
 The consumer reads the slot at position ``t`` once ``seq == t + 1``, then stores
 ``seq = t + N`` (free for the next lap) and advances ``tail``.
 
+PER-CPU RINGS: one producer at a time, so no locked instruction.  Inside a restartable
+sequence (``man 2 rseq``; lean.py) the producer reads ``cpu = rseq->cpu_id``, then in
+ring ``cpu``: ``pos = head``; full when ``pos - tail >= N`` (the record is dropped and
+missed counted, after leaving the sequence); else it fills slot ``pos & mask`` (seq =
+pos + 1 too, for readers of a raw dump) and commits with ONE store, ``head = pos + 1``,
+the sequence's last instruction.  A preemption, migration or signal before the commit
+makes the kernel restart the sequence from its abort handler, so the half-written slot
+is never published and is overwritten by the next producer on that CPU.  The consumer
+reads ``head`` and takes the slots in ``[tail, head)`` (x86 loads are not reordered
+with older loads, stores not with older stores: SDM vol. 3A 8.2.2), then stores
+``tail``.  The shared ring uses the protocol above (seq words, ``lock cmpxchg``).
+
+Across rings there is no order; per thread there is, by TSC: a thread's records on one
+ring are in order, and between two of its records on two rings lies a migration (a
+pass through the kernel, which drains the store buffer), so the earlier one is visible
+before the later one's rdtsc runs.  The consumer reads the TSC before it reads the
+heads and holds back records stamped after that read until its next drain.
+
 FS_BASE: ``rdfsbase`` faults unless the kernel enabled FSGSBASE (CR4.FSGSBASE, Linux
 >= 5.9 on capable CPUs), so the detour loads ``fs:[0]`` instead.  This relies on the
 x86-64 TLS ABI (Drepper, "ELF Handling For Thread-Local Storage", variant II; glibc's
@@ -69,6 +96,7 @@ TAIL_OFFSET = 64
 MASK_OFFSET = 128
 RSIZE_OFFSET = 136
 MAGIC_OFFSET = 140
+SCRATCH_OFFSET = 192
 
 RECORD_SIZE = 80
 SEQ_OFFSET = 0
@@ -94,6 +122,21 @@ def ring_size(nrecords: int) -> int:
     return -(-size // PAGE_SIZE) * PAGE_SIZE
 
 
+def ring_addr(base: int, index: int, nrecords: int) -> int:
+    """Address of ring ``index`` of a mapping of rings of ``nrecords`` at ``base``."""
+    return base + index * ring_size(nrecords)
+
+
+def nrings(ncpu_slots: int, per_cpu: bool) -> int:
+    """Rings in the mapping: one per CPU slot plus the shared one, or one shared."""
+    return ncpu_slots + 1 if per_cpu else 1
+
+
+def shared_index(ncpu_slots: int, per_cpu: bool) -> int:
+    """Index of the shared ring (the lock cmpxchg protocol)."""
+    return ncpu_slots if per_cpu else 0
+
+
 def check_nrecords(nrecords: int) -> None:
     """ValueError unless ``nrecords`` is a power of two whose mask fits a u32."""
     if nrecords < 1 or nrecords & (nrecords - 1) or nrecords > 1 << 32:
@@ -103,6 +146,13 @@ def check_nrecords(nrecords: int) -> None:
 def record_offset(pos: int, mask: int) -> int:
     """Offset from the ring start of the slot for position ``pos``."""
     return HEADER_SIZE + (pos & mask) * RECORD_SIZE
+
+
+def init_rings(buf, nrecords: int, count: int) -> None:
+    """init_ring for each of ``count`` rings of ``nrecords`` laid out in ``buf``."""
+    step = ring_size(nrecords)
+    for i in range(count):
+        init_ring(memoryview(buf)[i * step:(i + 1) * step], nrecords)
 
 
 def init_ring(buf, nrecords: int) -> None:

@@ -69,8 +69,11 @@ class HandlerSpec:
     exit, their values as at the probe site: rsp is the site rsp),
     rdtsc and the thread word: the u32 tid at ``fs:[tid_offset]`` (the thread's own
     descriptor) when ``tid_offset`` is given, else the fs base.  ``ring_mask`` =
-    records - 1.  A full ring drops the record
-    and does ``lock inc`` of the u64 at ``missed_addr``, so records + missed == hits.
+    records - 1 of each ring.  With per-CPU slots ``ring_addr`` is a mapping of
+    ``ncpu_slots + 1`` rings (ringlayout.nrings: one per CPU, appended to without a
+    lock in a restartable sequence, then the shared one); else of one shared ring.  A
+    full ring drops the record and does ``lock inc`` of the u64 at ``missed_addr``,
+    so records + missed == hits.
     """
 
     kind: str
@@ -96,6 +99,8 @@ class HandlerSpec:
             raise ValueError(f"flags_save must be 'lahf' or 'pushf', not {self.flags_save!r}")
         if self.kind == "record":
             RL.check_nrecords(self.ring_mask + 1)
+            if self.per_cpu and RL.ring_size(self.ring_mask + 1) >= 1 << 31:
+                raise ValueError("per-CPU rings must each be under 2 GiB (imm32 stride)")
             if not 0 <= self.nargs <= RL.MAX_ARGS:
                 raise ValueError(f"nargs must be 0..{RL.MAX_ARGS}, not {self.nargs}")
             if not 0 <= self.probe_id < 1 << 32:

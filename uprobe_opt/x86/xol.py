@@ -10,7 +10,8 @@ from .writer import TrampolineWriter, fits_rel32
 
 BREAKPOINT = b"\xcc"
 JMP_REL32_SIZE = 5
-SLOT_SIZE = 512     # bytes; every XOL copy and every detour fits in one slot
+SLOT_SIZE = 768     # bytes; every XOL copy and every detour fits in one slot (32-byte
+                    # multiple: rseq_cs descriptors inside detours are 32-byte aligned)
 
 
 @dataclass(frozen=True)
