@@ -75,6 +75,9 @@ def test_8_threads_migrating_exact(c_target, traced, run_plain, kind):
     if "record" in probes:
         check_records(run.tracer.records(), probes["record"], hits,
                       {t: MIGRATE_M for t in range(MIGRATE_N)})
+        # per-CPU rings only (no lock); both CPUs' rings took records
+        *cpu_rings, shared = run.tracer.manager.records.ring.rings
+        assert shared.tail == 0 and all(r.tail > 0 for r in cpu_rings[:os.cpu_count()])
 
 
 @pytest.mark.parametrize("kind", ["count", "record"])
@@ -110,6 +113,9 @@ def test_without_rseq_the_lock_inc_fallback_is_exact(c_target, traced, run_plain
     if "record" in probes:
         check_records(run.tracer.records(), probes["record"], 800_000,
                       {t: 200_000 for t in range(4)})
+        *cpu_rings, shared = run.tracer.manager.records.ring.rings   # the shared ring only
+        assert all(r.tail == 0 for r in cpu_rings) and shared.tail + probes["record"].nmissed \
+            == 800_000
 
 
 # --- the detour bodies in the emulator: both ways of keeping the flags ---------------------

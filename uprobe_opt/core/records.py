@@ -38,6 +38,18 @@ def _byte_map() -> list[tuple[slice, slice]]:
 _BYTE_MAP = _byte_map()
 
 
+RINGS_AT_FULL_SIZE = 4
+
+
+def ring_bytes(buffer_bytes: int, nrings: int) -> int:
+    """Bytes for each of ``nrings`` rings given ``--buffer-size``: the whole size each
+    while there are at most RINGS_AT_FULL_SIZE rings (2 CPUs: 3 rings), else split so
+    that the mapping stays at 4 x the buffer size (64 CPUs: 65 rings of 1/16 each)."""
+    if nrings <= RINGS_AT_FULL_SIZE:
+        return buffer_bytes
+    return buffer_bytes * RINGS_AT_FULL_SIZE // nrings
+
+
 def convert(raw: np.ndarray, clock, threads: "ThreadNames | None") -> np.ndarray:
     """Ring records (ringlayout.record_dtype) -> HIT_DTYPE.  ``threads`` None: the
     thread word is the tid itself (read in-process, Records.tid_offset); else fs bases
@@ -142,11 +154,11 @@ class Records:
         an address whose detour area lends a scratch slot for the file name."""
         if self.ring is None:
             from uprobe_opt.core.detour import map_shared_file
-            n = records_for_bytes(self.buffer_bytes)
             # Per-CPU rings when the detours get per-CPU slots: HandlerSpec.per_cpu is
             # rseq_offset being known, fixed for the tracer's life (Tracer.__init__).
             per_cpu = self.manager.rseq_offset is not None
             ncpu = self.manager.ncpu_slots if per_cpu else 0
+            n = records_for_bytes(ring_bytes(self.buffer_bytes, ncpu + 1))
             size = RingBuffer.size_for(n, ncpu)
             scratch = self.manager.pool.slot_near(near)
             # MAP_POPULATE: without it the target's first store to each ring page

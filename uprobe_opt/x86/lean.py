@@ -37,6 +37,11 @@ with ``glibc.pthread.rseq=0``, or registration failed) or with a CPU number beyo
 slots uses ``lock inc`` of one extra shared slot (index ncpu_slots), so the sum of all
 slots is exact either way.
 
+The record handler appends to its CPU's ring with a second sequence of the same kind
+(ringlayout.py PER-CPU RINGS; commit: the store of the ring's head), right after the
+count's: it stores its own descriptor over the count's (the kernel ignores, and clears,
+a descriptor whose range does not hold rip), so only the last one is cleared.
+
 After the sequence the body stores 0 into ``rseq->rseq_cs``: a pointer left there
 would make the kernel read our descriptor at the thread's next preemption, and once
 the detour area is unmapped that read faults and the kernel kills the thread with
