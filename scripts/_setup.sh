@@ -45,3 +45,7 @@ if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
   "$VENV/bin/python" -c "import uprobe_opt, ptrace, capstone, keystone, elftools, psutil, numpy, unicorn"
   touch "$stamp"
 fi
+# Bytecode for our own package, as `pip install` (not -e) writes it: with
+# PYTHONDONTWRITEBYTECODE set, every start of uprobe-opt (the tests start hundreds)
+# would compile its ~60 modules again.  Up-to-date files are skipped.
+"$VENV/bin/python" -m compileall -q "$ROOT/uprobe_opt" >/dev/null || true

@@ -54,9 +54,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from elftools.dwarf.callframe import CallFrameInfo, FDE
-from elftools.dwarf.structs import DWARFStructs
-from elftools.elf.elffile import ELFFile
+from uprobe_opt import filecache
+
+# pyelftools is imported where a file is parsed: a table kept on disk
+# (uprobe_opt.filecache) answers without it.
 
 __all__ = ["landing_pads", "landing_pads_in", "unparsed_in", "stats", "EhStats",
            "fde_ranges", "fde_ranges_of",
@@ -187,12 +188,22 @@ def parse_lsda(buf: bytes, pos: int, base_vaddr: int, func_start: int,
 # ---------------------------------------------------------------------------------------
 # .eh_frame walk (pyelftools)
 
-class _EhFrameNoInstructions(CallFrameInfo):
-    """pyelftools' CFI parser minus the CFI instruction decoding we never use."""
+_CFI_CLASS = None
 
-    def _parse_instructions(self, structs, offset, end_offset):  # noqa: D401
-        self.stream.seek(end_offset)
-        return []
+
+def _cfi_class():
+    """pyelftools' CFI parser minus the CFI instruction decoding we never use (made on
+    first use: pyelftools is imported only to parse)."""
+    global _CFI_CLASS
+    if _CFI_CLASS is None:
+        from elftools.dwarf.callframe import CallFrameInfo
+
+        class _EhFrameNoInstructions(CallFrameInfo):
+            def _parse_instructions(self, structs, offset, end_offset):  # noqa: D401
+                self.stream.seek(end_offset)
+                return []
+        _CFI_CLASS = _EhFrameNoInstructions
+    return _CFI_CLASS
 
 
 @dataclass
@@ -232,7 +243,7 @@ class _Sections:
     """Bytes of allocated sections by link-time address; .gcc_except_table read eagerly,
     the others only if an LSDA points outside it."""
 
-    def __init__(self, elf: ELFFile, primary):
+    def __init__(self, elf, primary):
         self._elf = elf
         self._cache: dict[str, tuple[int, bytes]] = {}
         self._ranges = []
@@ -275,6 +286,9 @@ def _parse_file(path: str) -> _Table:
         st.seconds = time.perf_counter() - t0
         return _Table(by_func, sorted(all_pads), sorted(unparsed), st)
 
+    from elftools.dwarf.callframe import FDE
+    from elftools.dwarf.structs import DWARFStructs
+    from elftools.elf.elffile import ELFFile
     with open(path, "rb") as f:
         try:
             elf = ELFFile(f)
@@ -295,7 +309,7 @@ def _parse_file(path: str) -> _Table:
             return done(f"cannot read sections: {e}")
 
         structs = DWARFStructs(little_endian=True, dwarf_format=32, address_size=8)
-        cfi = _EhFrameNoInstructions(stream=io.BytesIO(eh_data), size=len(eh_data),
+        cfi = _cfi_class()(stream=io.BytesIO(eh_data), size=len(eh_data),
                                      address=eh["sh_addr"], base_structs=structs,
                                      for_eh_frame=True)
         size = len(eh_data)
@@ -388,7 +402,7 @@ def _table(path) -> _Table:
         with _lock:
             tab = _cache.get(key)
         if tab is None:
-            tab = _parse_file(key[0])
+            tab = _load_table(key)
             with _lock:
                 # drop stale versions of the same path (rebuilt binaries)
                 for k in [k for k in _cache if k[0] == key[0]]:
@@ -398,8 +412,39 @@ def _table(path) -> _Table:
     return tab
 
 
+# The format of the "eh" entries of uprobe_opt.filecache (_Table as plain data).
+_DISK_VERSION = 1
+
+
+def _load_table(key: tuple) -> _Table:
+    """The table of the file ``key`` names: from the on-disk cache when it holds one
+    for this very file (device, inode, mtime, ctime, size), else parsed and stored."""
+    try:
+        st = os.stat(key[0])
+    except OSError:
+        st = None
+    if st is not None and (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size) == key[1:]:
+        got = filecache.load("eh", st, _DISK_VERSION)
+        try:
+            by_func, pads, unparsed, stats = got
+            stats = EhStats(**{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in stats.items()})
+            return _Table({int(k): tuple(v) for k, v in by_func.items()}, list(pads),
+                          [tuple(r) for r in unparsed], stats)
+        except (TypeError, ValueError, AttributeError):
+            pass                        # absent or not of that shape: parse
+    else:
+        st = None                       # changed since _key: do not store under it
+    tab = _parse_file(key[0])
+    if st is not None:
+        filecache.store("eh", st, _DISK_VERSION,
+                        (tab.by_func, tab.pads, tab.unparsed_ranges, tab.stats.as_dict()))
+    return tab
+
+
 def clear_cache() -> None:
-    """Forget every parsed file."""
+    """Forget every parsed file (in this process; the on-disk entries are keyed by
+    the file's identity and stay valid)."""
     with _lock:
         _cache.clear()
 
@@ -476,6 +521,7 @@ def _parse_fde_ranges(path: str) -> list[tuple[int, int]]:
 
 def fde_ranges_of(f) -> list[tuple[int, int]]:
     """:func:`fde_ranges` of the ELF file open in ``f`` (not cached)."""
+    from elftools.elf.elffile import ELFFile
     try:
         elf = ELFFile(f)
         eh = elf.get_section_by_name(".eh_frame")

@@ -12,8 +12,10 @@ import os
 import sys
 
 from uprobe_opt.errors import SymbolError, UsageError
-from uprobe_opt.explain import analyse_site
-from uprobe_opt.symbols import SymbolResolver
+
+# explain and symbols (pyelftools, capstone, numpy) are imported by the functions that
+# use them: the CLI builds its parser from add_parser on every start, `--help` and
+# `trace` included.
 
 
 def add_parser(sub) -> None:
@@ -24,8 +26,10 @@ def add_parser(sub) -> None:
     ls.add_argument("--json", action="store_true")
 
 
-def iter_rows(resolver: SymbolResolver, specs, maps):
-    """One analysis dict (see explain.analyse_site) per site of every spec."""
+def iter_rows(resolver, specs, maps):
+    """One analysis dict (see explain.analyse_site) per site of every spec
+    (``resolver``: a uprobe_opt.symbols.SymbolResolver)."""
+    from uprobe_opt.explain import analyse_site
     for spec in specs:
         for site in resolver.resolve_all(spec):
             try:
@@ -38,6 +42,7 @@ def iter_rows(resolver: SymbolResolver, specs, maps):
 
 
 def cmd_list(args) -> int:
+    from uprobe_opt.symbols import SymbolResolver
     items = list(args.items)
     if args.pid is not None:
         from uprobe_opt.target.maps import read_maps

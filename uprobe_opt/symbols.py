@@ -24,7 +24,9 @@ Two modes:
 Symbols come from ``.dynsym`` and ``.symtab``, decoded in bulk (:mod:`uprobe_opt.elfsyms`:
 pyelftools for the section headers, numpy over the ``Elf64_Sym`` arrays; Debian's libc in
 ~20 ms where iterating pyelftools ``Symbol`` objects took ~640 ms), parsed once per file
-(cached process-wide, keyed by path + device + inode + mtime + size).  Where the file has
+(cached process-wide, keyed by path + device + inode + mtime + size, and on disk by
+the file's identity, :mod:`uprobe_opt.filecache`: a second run reads neither pyelftools
+nor numpy for a file it has seen).  Where the file has
 no name for a name or an address, its separate debug file (build-id or .gnu_debuglink)
 or its MiniDebugInfo (.gnu_debugdata) is read once; where no name covers an address,
 its .eh_frame FDE gives the function's bounds (unnamed).  Versioned names: ``name@VER`` and
@@ -48,10 +50,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, BinaryIO, Iterator, NamedTuple
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-
-from . import elfsyms
+from . import elfsyms, filecache
 from .errors import LibraryNotLoaded, ProbeError, SymbolError
 from .target.maps import Mapping as _Mapping, read_maps
 
@@ -224,26 +223,28 @@ class _SymIndex:
     the sized functions sorted by address for containment lookups."""
 
     def __init__(self, rows):
+        # One pass, no per-row Python-level constructor: a start-up builds this for
+        # every file it resolves in (20,000 rows for 10,000 functions).
         by_name: dict[str, list[_Sym]] = {}
         seen: set[tuple] = set()
+        funcs: dict[int, _Sym] = {}
+        make = tuple.__new__
         for row in rows:
-            sym = _Sym(*row)
-            key = (sym.name, sym.value, sym.type, sym.version, sym.hidden)
+            name, value, size, typ, _bind, hidden, version = row
+            key = (name, value, typ, version, hidden)
             if key in seen:
                 continue     # the same definition in .dynsym and .symtab
             seen.add(key)
-            by_name.setdefault(sym.name, []).append(sym)
-            if sym.version:  # also reachable as name@VER, and name@@VER when default
-                by_name.setdefault(f"{sym.name}@{sym.version}", []).append(sym)
-                if not sym.hidden:
-                    by_name.setdefault(f"{sym.name}@@{sym.version}", []).append(sym)
-        funcs: dict[int, _Sym] = {}
-        for name, syms in by_name.items():
-            for s in syms:
-                if s.is_func and s.size > 0 and s.name == name:
-                    best = funcs.get(s.value)
-                    if best is None or (s.rank(), -s.size) < (best.rank(), -best.size):
-                        funcs[s.value] = s
+            sym = make(_Sym, row)
+            by_name.setdefault(name, []).append(sym)
+            if version:      # also reachable as name@VER, and name@@VER when default
+                by_name.setdefault(f"{name}@{version}", []).append(sym)
+                if not hidden:
+                    by_name.setdefault(f"{name}@@{version}", []).append(sym)
+            if typ in _FUNC_TYPES and size > 0:   # the best-ranked alias per address
+                best = funcs.get(value)
+                if best is None or (sym.rank(), -size) < (best.rank(), -best.size):
+                    funcs[value] = sym
         self.by_name = by_name
         self.funcs = [funcs[v] for v in sorted(funcs)]
         self.func_values = [s.value for s in self.funcs]
@@ -268,8 +269,10 @@ class _ElfData:
     first miss): a stripped file's static functions get names without changing what
     the names the file does carry resolve to."""
 
-    def __init__(self, path: str, opener: Callable[[], BinaryIO], root: str = ""):
+    def __init__(self, path: str, opener: Callable[[], BinaryIO], root: str = "",
+                 st: os.stat_result | None = None):
         self.path = path
+        self._st = st                # the file's stat: the key of its on-disk cache
         self.root = root             # prefix for the debug-file search (/proc/PID/root)
         self._opener = opener
         self._lock = threading.RLock()  # branch_index -> iter_functions -> secondary
@@ -281,22 +284,53 @@ class _ElfData:
         self._sweep = None           # the module sweep's per-function facts (arrays)
         self._fdes: list[tuple[int, int]] | None = None
         self._markers = None
+        facts = filecache.load("elf", st, _ELF_FACTS_VERSION) if st else None
+        if facts is None or not self._set_facts(facts):
+            self._set_facts(self._parse_headers(path, opener))
+            if st is not None:
+                filecache.store("elf", st, _ELF_FACTS_VERSION, self._facts())
+
+    @staticmethod
+    def _parse_headers(path: str, opener: Callable[[], BinaryIO]) -> tuple:
+        """The facts _set_facts takes, from the file (pyelftools).  Raises SymbolError
+        for a file that is not a readable ELF file."""
+        from elftools.common.exceptions import ELFError
+        from elftools.elf.elffile import ELFFile
         with opener() as f:
             try:
                 elf = ELFFile(f)
-                self.is_pie_or_dso = elf["e_type"] == "ET_DYN"
-                self.segments = [
-                    _Segment(s["p_vaddr"], s["p_offset"], s["p_filesz"], s["p_memsz"],
+                segments = [(s["p_vaddr"], s["p_offset"], s["p_filesz"], s["p_memsz"],
                              s["p_flags"])
-                    for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"]
-                self.soname, self.needed = self._read_dynamic(elf)
-                self.sections = elfsyms.read_sections(f)
-                self.build_id = elfsyms.read_build_id(f, self.sections)
+                            for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"]
+                soname, needed = _ElfData._read_dynamic(elf)
+                sections = elfsyms.read_sections(f)
+                build_id = elfsyms.read_build_id(f, sections)
+                return (elf["e_type"] == "ET_DYN", segments, soname, needed,
+                        [dataclasses.astuple(sec) for sec in sections], build_id)
             except (ELFError, struct.error, ValueError) as e:
                 raise SymbolError(f"{path}: not a readable ELF file ({e})") from None
 
+    def _set_facts(self, facts) -> bool:
+        """Take the header facts (a tuple of plain data, from _parse_headers or the
+        on-disk cache); False, and nothing set, when they do not have that shape."""
+        try:
+            pie, segments, soname, needed, sections, build_id = facts
+            segments = [_Segment(*seg) for seg in segments]
+            sections = [elfsyms.Section(*sec) for sec in sections]
+            needed = [str(n) for n in needed]
+        except (TypeError, ValueError):
+            return False
+        self.is_pie_or_dso, self.segments, self.soname = bool(pie), segments, soname
+        self.needed, self.sections, self.build_id = needed, sections, build_id
+        return True
+
+    def _facts(self) -> tuple:
+        return (self.is_pie_or_dso, [dataclasses.astuple(seg) for seg in self.segments],
+                self.soname, self.needed,
+                [dataclasses.astuple(sec) for sec in self.sections], self.build_id)
+
     @staticmethod
-    def _read_dynamic(elf: ELFFile) -> tuple[str | None, list[str]]:
+    def _read_dynamic(elf) -> tuple[str | None, list[str]]:
         soname, needed = None, []
         for seg in elf.iter_segments():
             if seg["p_type"] != "PT_DYNAMIC":
@@ -313,15 +347,27 @@ class _ElfData:
         if self._primary is None:
             with self._lock:
                 if self._primary is None:
-                    try:
-                        with self._opener() as f:
-                            rows = elfsyms.read_symbols(f, self.sections)
-                    except OSError as e:
-                        raise SymbolError(f"cannot read symbols of {self.path}: {e}") from None
-                    except (ELFError, struct.error, ValueError) as e:
-                        raise SymbolError(f"{self.path}: bad symbol table ({e})") from None
-                    self._primary = _SymIndex(rows)
+                    self._primary = _SymIndex(self._primary_rows())
         return self._primary
+
+    def _primary_rows(self) -> list:
+        """elfsyms.read_symbols of the file, through the on-disk cache."""
+        st = self._st
+        rows = filecache.load("syms", st, _ELF_FACTS_VERSION) if st else None
+        if isinstance(rows, list) and all(isinstance(r, tuple) and len(r) == 7
+                                          for r in rows):
+            return rows
+        from elftools.common.exceptions import ELFError
+        try:
+            with self._opener() as f:
+                rows = elfsyms.read_symbols(f, self.sections)
+        except OSError as e:
+            raise SymbolError(f"cannot read symbols of {self.path}: {e}") from None
+        except (ELFError, struct.error, ValueError) as e:
+            raise SymbolError(f"{self.path}: bad symbol table ({e})") from None
+        if st is not None:
+            filecache.store("syms", st, _ELF_FACTS_VERSION, rows)
+        return rows
 
     def secondary(self) -> _SymIndex:
         """Names from the separate debug file, else from .gnu_debugdata (empty when
@@ -554,6 +600,9 @@ def _branch_cache_path(build_id: str | None) -> str | None:
     return os.path.join(base, "branches", f"{build_id}-v{BRANCH_INDEX_VERSION}.npz")
 
 
+# The format of the "elf" (_ElfData._facts) and "syms" (elfsyms.read_symbols rows)
+# entries of uprobe_opt.filecache: bump it when either changes shape or meaning.
+_ELF_FACTS_VERSION = 1
 _ELF_CACHE: dict[tuple, _ElfData] = {}
 _ELF_CACHE_LOCK = threading.Lock()
 
@@ -565,7 +614,7 @@ def _elf_data(path: str, st: os.stat_result, opener: Callable[[], BinaryIO],
     key = (path, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
     data = _ELF_CACHE.get(key)
     if data is None:
-        data = _ElfData(path, opener, root)
+        data = _ElfData(path, opener, root, st)
         with _ELF_CACHE_LOCK:
             data = _ELF_CACHE.setdefault(key, data)
     else:

@@ -34,7 +34,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
+# numpy only in CallMatcher.feed: the CLI imports split_return_spec to check options
+# before anything is attached.
 
 RETURN_SUFFIX = "%return"
 RETURN_PREFIX = "uretprobe:"
@@ -214,9 +215,11 @@ class CallMatcher:
             role.tail = probe.site.exit is not None and probe.site.exit.kind == "tail"
             role.probes.append(rp)
 
-    def feed(self, batch: np.ndarray) -> None:
-        """Match a drained batch.  Counting is vectorized; the stack walk is one tight
-        loop over plain lists (the order of a thread's records is what matters)."""
+    def feed(self, batch) -> None:
+        """Match a drained batch (numpy records of core.records.HIT_DTYPE).  Counting is
+        vectorized; the stack walk is one tight loop over plain lists (the order of a
+        thread's records is what matters)."""
+        import numpy as np
         if not len(batch) or not self.roles:
             return
         ids = np.fromiter(self.roles, dtype=np.uint32)
