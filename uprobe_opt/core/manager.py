@@ -58,6 +58,7 @@ class ProbeManager:
         self.kernel = KernelService(self, enabled=kernel_uprobes)
         self.sites: dict[int, Site] = {}
         self._site_addrs: list[int] = []        # sorted keys of sites (recovered())
+        self._region_reach = 0                  # max region end - site addr (_region_clash)
         self.probes: list[Probe] = []
         self.trap_sites: dict[int, Site] = {}   # detour trap address -> site
         self.site_by_id: list[Site] = []        # Site.id -> site (ring records carry it)
@@ -341,8 +342,9 @@ class ProbeManager:
         # Checks and analysis read the target while it runs; arming needs a window
         # only in the cases _arming_window names.
         addrs = []
+        maps = self.target.maps()       # once, not once per site (10,000 reads)
         for i, item in enumerate(items):
-            addrs.append(self._check_site(item[0]))
+            addrs.append(self._check_site(item[0], maps))
             self.progress("checking sites", i + 1, len(items))
         news = {}
         for i, (addr, item) in enumerate(zip(addrs, items)):
@@ -426,9 +428,10 @@ class ProbeManager:
                     return self._stopped()
         return None
 
-    def _check_site(self, resolved) -> int:
+    def _check_site(self, resolved, maps=None) -> int:
         """can_probe: decode from the function start, land exactly on addr; skip endbr64.
-        Returns the address to patch."""
+        Returns the address to patch.  ``maps``: the target's mappings read just before
+        (None: read them now)."""
         addr = resolved.addr
         if resolved.func_addr is None or not resolved.func_size:
             raise SymbolError(f"no function symbol contains {addr:#x}: cannot prove it is "
@@ -445,10 +448,10 @@ class ProbeManager:
                               f"already at {addr:#x} (another debugger, or the program's "
                               "own int3)", addr=addr, pid=self.target.pid)
         if addr not in self.sites:
-            self._check_unpatched(resolved, addr)
+            self._check_unpatched(resolved, addr, maps)
         return addr
 
-    def _check_unpatched(self, resolved, addr: int) -> None:
+    def _check_unpatched(self, resolved, addr: int, maps=None) -> None:
         """The bytes a jump would cover must be the file's: anything else is another
         tool's patch (a jump left by a uprobe-opt that was killed, or one still tracing
         this process, a debugger's breakpoint over a jump).  Stacking our own patch and
@@ -458,7 +461,7 @@ class ProbeManager:
         the check is skipped."""
         end = resolved.func_addr + resolved.func_size
         n = max(1, min(self.arch.jump_size, end - addr))
-        m = next((m for m in self.target.maps() if m.start <= addr < m.end), None)
+        m = next((m for m in maps or self.target.maps() if m.start <= addr < m.end), None)
         if m is None or not m.inode:
             return
         try:
@@ -744,7 +747,11 @@ class ProbeManager:
         if site.detour is not None and site.detour_kind == kind:
             return True
         func_code = self.recovered(site.func_addr, site.func_size)
-        others = [a for a in self.sites if a != site.addr]
+        # Only the sites inside the function can lie in its region (a region never
+        # leaves its function): not every site per site, 10,000 x 10,000 of them.
+        first = bisect.bisect_left(self._site_addrs, site.func_addr)
+        last = bisect.bisect_left(self._site_addrs, site.func_addr + site.func_size)
+        others = [a for a in self._site_addrs[first:last] if a != site.addr]
         pads = self.landing_pads(site.func_addr, site.func_size)
         if pads is None:
             return self._refuse(site, f"exception tables of the function at "
@@ -776,6 +783,7 @@ class ProbeManager:
         if site.detour is not None and site.detour.trap_addr is not None:
             self.trap_sites.pop(site.detour.trap_addr, None)
         site.region, site.detour, site.detour_kind = region, detour, kind
+        self._region_reach = max(self._region_reach, region.addr + region.size - site.addr)
         if region.addr == site.addr and len(region.orig) >= len(site.orig):
             site.orig = region.orig
         if detour.trap_addr is not None:
@@ -787,7 +795,14 @@ class ProbeManager:
         site, so it can overlap another site's region without either site lying
         inside the other's region (an entry and an exit of a tiny function)."""
         lo, hi = region.addr, region.addr + region.size
-        for other in self.sites.values():
+        # A region starts at most MAX_EXIT_LEAD bytes before its site and ends at most
+        # _region_reach bytes after it: only the sites in that reach of [lo, hi) can
+        # clash (the first in registration order is named, as the full scan did).
+        first = bisect.bisect_left(self._site_addrs, lo - self._region_reach)
+        last = bisect.bisect_left(self._site_addrs, hi + MAX_EXIT_LEAD)
+        near = sorted((self.sites[a] for a in self._site_addrs[first:last]),
+                      key=lambda s: s.id)          # ids count registrations
+        for other in near:
             r = other.region
             if other is site or r is None or (other.detour is None and not other.optimized):
                 continue
