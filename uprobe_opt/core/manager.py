@@ -89,6 +89,7 @@ class ProbeManager:
         self.window = 0                          # incremented at every window edge
         self._pages: dict[int, bytes] = {}       # code pages read in this window
         self._starts_of, self._starts = None, []  # _map_starts
+        self._batch_maps: list | None = None     # _one_maps_read
         self._pages_gen: tuple | None = None     # target.generation they belong to
         target.fork_hook = self.on_fork
         arch.shadow_stack = _uses_shadow_stack(target.pid)
@@ -181,6 +182,11 @@ class ProbeManager:
         /proc/PID/maps is read in pages: a process that maps or unmaps meanwhile can
         make one read skip a mapping that is there.  While it runs, a mapping missing
         is believed only when three reads agree."""
+        if self._batch_maps is not None:
+            maps = self._batch_maps
+            i = bisect.bisect_right(self._map_starts(maps), addr) - 1
+            if i >= 0 and addr < maps[i].end:
+                return maps[i].file_id(addr)
         for _ in range(1 if self.target.stopped else 3):
             maps = self._maps()
             starts = self._map_starts(maps)
@@ -375,8 +381,16 @@ class ProbeManager:
                 if site.want_optimize and any(p.want_optimize for p in site.probes):
                     self._prepare_detour(site, armed=False)
             window = contextlib.nullcontext()
-        with window:
-            for probe in made:
+        running = isinstance(window, contextlib.nullcontext)
+        with window, self._one_maps_read():
+            for i, probe in enumerate(made):
+                if running and i % 16 == 15:
+                    # Threads that met a breakpoint armed above wait for us: serve
+                    # them now, not after the batch (1,000 sites: tens of ms).
+                    for ev in self.target.poll(0):
+                        self.handle_event(ev)
+                    if self.exited or self.exec_seen:
+                        break
                 site = probe.site
                 # A kernel-served site may change hands here: the new probe counts from
                 # after the hand-back (every thread stopped), not from before it.
@@ -388,6 +402,18 @@ class ProbeManager:
                     self._probe_enabled(probe)
         self.progress("arming", len(items), len(items))
         return made
+
+    @contextlib.contextmanager
+    def _one_maps_read(self):
+        """While arming a batch in a running target: one /proc/PID/maps read for the
+        whole batch (1,000 sites took a read and parse each, about a second during
+        which a thread that met an armed int3 waited).  A site missing from it is
+        looked up afresh (see _file_id)."""
+        self._batch_maps = None if self.target.stopped else self.target.maps()
+        try:
+            yield
+        finally:
+            self._batch_maps = None
 
     def _map_areas(self, news: dict, handlers: dict) -> None:
         """Map, in one window, the detour areas (and the record ring) the fresh sites
@@ -622,7 +648,11 @@ class ProbeManager:
     def _collision_check(self, site: Site) -> None:
         """A new probe inside an optimized region forces that region back to int3
         (kernel __arm_kprobe -> unoptimize immediately)."""
-        for other in list(self.sites.values()):
+        # An optimized region holding site.addr belongs to a site at most
+        # _region_reach bytes before it or MAX_EXIT_LEAD after it (an exit's region).
+        first = bisect.bisect_left(self._site_addrs, site.addr - self._region_reach)
+        last = bisect.bisect_right(self._site_addrs, site.addr + MAX_EXIT_LEAD)
+        for other in [self.sites[a] for a in self._site_addrs[first:last]]:
             if other is not site and other.optimized and (
                     self.arch.within(other.region, site.addr)
                     or other.region.addr == site.addr):     # an exit's jump starts there
