@@ -382,6 +382,10 @@ class ProbeManager:
                     self._prepare_detour(site, armed=False)
             window = contextlib.nullcontext()
         running = isinstance(window, contextlib.nullcontext)
+        if running:
+            # The int3 stage starts: until the optimizer's window (whose end lowers
+            # it) a thread that meets a breakpoint waits for us to get a CPU.
+            self.target.hurry()
         with window, self._one_maps_read():
             for i, probe in enumerate(made):
                 if running and i % 16 == 15:
@@ -400,6 +404,8 @@ class ProbeManager:
                 self._site_changed(site)
                 if served:
                     self._probe_enabled(probe)
+        if running and not self.optimizing:
+            self.target.unhurry()            # nothing to optimize: the stage stays
         self.progress("arming", len(items), len(items))
         return made
 

@@ -522,6 +522,15 @@ class Target:
         attached with ``stop=False``, and after :meth:`release`)."""
         return self._released
 
+    def hurry(self) -> None:
+        """The tracer's thread at real-time priority until the next resume_all,
+        release or detach (see _Urgency): for the int3 stage, when a thread that
+        meets a breakpoint waits for us."""
+        self._urgency.raise_()
+
+    def unhurry(self) -> None:
+        self._urgency.lower()
+
     @property
     def generation(self) -> tuple[int, int]:
         """Changes whenever a thread may have run or we wrote: memory read while
