@@ -83,6 +83,13 @@ class KernelService:
         ready = []
         maps = m.target.maps()
         for site in sites:
+            if not m.target.stopped:
+                # Defining an event costs milliseconds (tracefs): a thread that met
+                # one of these int3 sites meanwhile is served now, not after all.
+                for ev in m.target.poll(0):
+                    m.handle_event(ev)
+                if m.exited or m.exec_seen:
+                    return []
             loc = perf.file_location(m.target.pid, site.addr, maps)
             if loc is None:
                 site.kernel_note = "not in a file mapping"

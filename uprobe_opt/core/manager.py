@@ -1165,6 +1165,7 @@ class ProbeManager:
         for probe in self.probes:
             if probe.is_gone:
                 probe.final_state = None             # found gone by the verification
+        self._rewind_area_entries()
         notes, busy = self.release_areas()
         deadline, wait = time.monotonic() + SETTLE_LIMIT, 0.001
         while busy and time.monotonic() < deadline:
@@ -1185,6 +1186,30 @@ class ProbeManager:
             wait = min(wait * 2, 0.016)
         self.release_held()
         return notes
+
+    def _rewind_area_entries(self) -> None:
+        """A thread whose rip is the first byte of a site's XOL copy or detour has run
+        nothing of ours yet (held there by a SIGSTOP, or stopped right after the
+        jump): with the original bytes back it resumes at the instruction those stand
+        for.  Otherwise such a thread (a group-stopped one cannot be made to run)
+        would keep its area mapped."""
+        entries = {}
+        for site in self.sites.values():
+            if site.xol_addr is not None:
+                entries[site.xol_addr] = (site.addr, site.orig[:1])
+            if site.detour is not None:
+                entries[site.detour.slot_addr] = (site.region.addr,
+                                                  site.region.orig[:self.arch.jump_size])
+        for tid in self.target.tids:
+            try:
+                regs = self.target.get_regs(tid)
+                back, orig = entries.get(regs.rip, (None, b""))
+                # Only onto original bytes: never back into a jump or an int3.
+                if back is not None and self.target.read(back, len(orig)) == orig:
+                    regs.rip = back
+                    self.target.set_regs(tid, regs)
+            except TargetError:
+                continue
 
     def restore_all(self) -> None:
         """Unoptimize and disarm every site (all threads stopped).  The code of the
