@@ -577,3 +577,45 @@ def test_end_window_puts_the_original_bytes_back_in_one_write(exe, progs):
     assert exec_mappings(prog.pid) == before and ours_left(prog.pid) == []
     code, text = prog.finish()
     assert code == 0 and text.startswith("done calls=")
+
+
+HOLDER = r"""
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+pid = int(sys.argv[1])
+PTRACE_SEIZE, PTRACE_DETACH = 0x4206, 17
+if libc.ptrace(PTRACE_SEIZE, pid, 0, 0) != 0:
+    sys.exit(f"seize: {os.strerror(ctypes.get_errno())}")
+print("held", flush=True)
+sys.stdin.readline()                 # until told: the tracer's end comes meanwhile
+"""
+
+
+def test_a_debugger_holding_the_process_at_the_end_exits_3(exe, progs):
+    """Another tracer (as gdb -p) seizes the process while we are hands-off and holds
+    it when the trace ends: the summary says the probes stay in place, exit status 3,
+    and the program keeps running correctly with our jump in its code."""
+    prog = progs(exe, "spin", 1)
+    p = subprocess.Popen([*UPROBE_OPT, "trace", "-p", str(prog.pid), "probed",
+                          "--handler", "count", "--duration", "3", "-q"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while "memfd:uprobe-opt" not in open(f"/proc/{prog.pid}/maps").read() \
+            or tracer_pid(prog.pid) != 0:
+        assert time.monotonic() < deadline and p.poll() is None, p.communicate()
+        time.sleep(0.01)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(prog.pid)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 3, (out, err)
+        assert f"is traced by process {holder.pid} now" in out, out
+        assert "its probes stay in place" in out
+        assert text_vs_file(prog.pid, exe) != []          # our jump is still there
+    finally:
+        holder.communicate("go\n", timeout=10)           # exits: the kernel detaches it
+    c1, _ = prog.pause()
+    assert c1 > 0
+    code, out = prog.finish()
+    assert code == 0 and out.startswith("done calls=")

@@ -21,6 +21,11 @@ from uprobe_opt.errors import ProbeError, TargetExited
 
 ARG_NAMES = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 
+# Attach mode: the process was held by another tracer (a debugger) at the end, so our
+# jumps and detours could not be taken out; they stay and keep working (the summary
+# says so).
+EXIT_PATCHES_LEFT = 3
+
 
 def build_parser():
     import argparse
@@ -356,6 +361,8 @@ def cmd_trace(args, stop) -> int:
             _report_elsewhere(out, run, sink, args)
         perfetto_error = sink.write_perfetto(run.tracer, args.perfetto)
         code = run.program_status() if run.spawned else run.arming_death_status()
+        if getattr(run.tracer, "patches_left", False) and not run.spawned:
+            code = EXIT_PATCHES_LEFT
     finally:
         out.close()
     if out.error is not None:

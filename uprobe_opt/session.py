@@ -575,6 +575,7 @@ class Tracer:
         if self._detached:
             return
         self._detached = True
+        self.patches_left = False    # True: another tracer held the process at the end
         self._end_mode = self._mode()
         t = self.target
         live_rsp: dict[int, int] = {}
@@ -589,6 +590,7 @@ class Tracer:
         except ProcessGone:
             pass
         except AccessDenied as e:
+            self.patches_left = True
             self.notes.append(f"{e}; its probes stay in place (the detours keep working "
                               "without us)")
         finally:
