@@ -619,3 +619,24 @@ def test_a_debugger_holding_the_process_at_the_end_exits_3(exe, progs):
     assert c1 > 0
     code, out = prog.finish()
     assert code == 0 and out.startswith("done calls=")
+
+
+def test_the_program_by_the_name_it_was_started_as(exe, progs, tmp_path):
+    """`NAME:SYMBOL` where NAME is the program's own name through a symlink (as
+    /usr/bin/redis-server -> redis-check-rdb): the main program, for list and trace
+    alike (it was "unknown library" for list and a pending probe for trace)."""
+    link = tmp_path / "linked-prog"
+    link.symlink_to(exe)
+    prog = progs(link, "spin", 1)
+    p = subprocess.run([*UPROBE_OPT, "list", "-p", str(prog.pid), "linked-prog:probed"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "linked-prog:probed" in p.stdout, p.stdout + p.stderr
+    p = subprocess.run([*UPROBE_OPT, "trace", "-p", str(prog.pid), "linked-prog:probed",
+                        "--handler", "count", "--duration", "0.5", "-q"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    row = next(ln for ln in p.stdout.splitlines() if ln.startswith("linked-prog:probed"))
+    assert "optimized" in row and "pending" not in p.stdout
+    assert int(row.split()[3]) > 0
+    code, out = prog.finish()
+    assert code == 0 and out.startswith("done calls=")

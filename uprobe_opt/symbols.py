@@ -772,6 +772,21 @@ class SymbolResolver:
             i += 1
         return ordered + rest
 
+    def _program_names(self) -> set[str]:
+        """Names the main program goes by: argv[0]'s base name and the command name
+        (/proc/PID/cmdline, /proc/PID/comm), whatever file they lead to."""
+        names = set()
+        try:
+            with open(f"/proc/{self.pid}/cmdline", "rb") as f:
+                argv0 = f.read().split(b"\0")[0].decode(errors="replace")
+            names.add(os.path.basename(argv0).split()[0] if argv0.strip() else "")
+            with open(f"/proc/{self.pid}/comm") as f:
+                names.add(f.read().strip())
+        except (OSError, IndexError):
+            pass
+        names.discard("")
+        return names
+
     def _ld_preload(self) -> list[str]:
         try:
             with open(f"/proc/{self.pid}/environ", "rb") as f:
@@ -797,6 +812,10 @@ class SymbolResolver:
                 if len(hits) > 1:  # "libc" -> libc.so.6 rather than libcrypto.so.3
                     exact = [o for o in hits if o.name[len(lib)] in ".-_"]
                     hits = exact if len(exact) == 1 else hits
+        if not hits and "/" not in lib and lib in self._program_names():
+            # The program by the name it was started as: /usr/bin/redis-server is a
+            # symlink to redis-check-rdb, the name /proc/PID/maps shows.
+            hits = [o for o in objs if o.is_main]
         if not hits:
             raise LibraryNotLoaded(f"unknown library {lib!r}; loaded: {', '.join(names)}",
                                    candidates=names, pid=self.pid, lib=lib)
