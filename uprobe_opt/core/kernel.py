@@ -83,13 +83,10 @@ class KernelService:
         ready = []
         maps = m.target.maps()
         for site in sites:
-            if not m.target.stopped:
-                # Defining an event costs milliseconds (tracefs): a thread that met
-                # one of these int3 sites meanwhile is served now, not after all.
-                for ev in m.target.poll(0):
-                    m.handle_event(ev)
-                if m.exited or m.exec_seen:
-                    return []
+            # Defining an event costs milliseconds (tracefs): a thread that met one
+            # of these int3 sites meanwhile is served now, not after all of them.
+            if not m.target.stopped and not m.serve_waiting():
+                return []
             loc = perf.file_location(m.target.pid, site.addr, maps)
             if loc is None:
                 site.kernel_note = "not in a file mapping"

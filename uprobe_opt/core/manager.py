@@ -88,7 +88,7 @@ class ProbeManager:
         self._maps_cache: tuple[int, list] | None = None   # (window number, maps)
         self.window = 0                          # incremented at every window edge
         self._pages: dict[int, bytes] = {}       # code pages read in this window
-        self._starts_of, self._starts = None, []  # _map_starts
+        self._starts_of, self._starts = None, []  # _mapping_at
         self._batch_maps: list | None = None     # _one_maps_read
         self._pages_gen: tuple | None = None     # target.generation they belong to
         target.fork_hook = self.on_fork
@@ -183,24 +183,22 @@ class ProbeManager:
         make one read skip a mapping that is there.  While it runs, a mapping missing
         is believed only when three reads agree."""
         if self._batch_maps is not None:
-            maps = self._batch_maps
-            i = bisect.bisect_right(self._map_starts(maps), addr) - 1
-            if i >= 0 and addr < maps[i].end:
-                return maps[i].file_id(addr)
+            m = self._mapping_at(self._batch_maps, addr)
+            if m is not None:
+                return m.file_id(addr)
         for _ in range(1 if self.target.stopped else 3):
-            maps = self._maps()
-            starts = self._map_starts(maps)
-            i = bisect.bisect_right(starts, addr) - 1
-            if i >= 0 and addr < maps[i].end:
-                return maps[i].file_id(addr)
+            m = self._mapping_at(self._maps(), addr)
+            if m is not None:
+                return m.file_id(addr)
         return None
 
-    def _map_starts(self, maps: list) -> list[int]:
-        """Sorted start addresses of ``maps`` (as /proc/PID/maps lists them), kept
-        for the list the window's cache holds."""
+    def _mapping_at(self, maps: list, addr: int):
+        """The mapping of ``maps`` (sorted, as /proc/PID/maps lists them) holding
+        ``addr``, or None; the start addresses are kept for the last list asked."""
         if self._starts_of is not maps:
             self._starts_of, self._starts = maps, [m.start for m in maps]
-        return self._starts
+        i = bisect.bisect_right(self._starts, addr) - 1
+        return maps[i] if i >= 0 and addr < maps[i].end else None
 
     def _verify(self, site: Site) -> bool:
         """Before a write at ``site``: the same file byte is mapped there as when it was
@@ -388,13 +386,10 @@ class ProbeManager:
             self.target.hurry()
         with window, self._one_maps_read():
             for i, probe in enumerate(made):
-                if running and i % 16 == 15:
-                    # Threads that met a breakpoint armed above wait for us: serve
-                    # them now, not after the batch (1,000 sites: tens of ms).
-                    for ev in self.target.poll(0):
-                        self.handle_event(ev)
-                    if self.exited or self.exec_seen:
-                        break
+                # Threads that met a breakpoint armed above wait for us: serve them
+                # now, not after the batch (1,000 sites: tens of ms).
+                if running and i % 16 == 15 and not self.serve_waiting():
+                    break
                 site = probe.site
                 # A kernel-served site may change hands here: the new probe counts from
                 # after the hand-back (every thread stopped), not from before it.
@@ -408,6 +403,14 @@ class ProbeManager:
             self.target.unhurry()            # nothing to optimize: the stage stays
         self.progress("arming", len(items), len(items))
         return made
+
+    def serve_waiting(self) -> bool:
+        """Between steps of long work done while the target runs: handle the events
+        waiting now (a thread stopped on one of our breakpoints is resumed).  False
+        once the target exited or exec'd (stop the work)."""
+        for ev in self.target.poll(0):
+            self.handle_event(ev)
+        return not (self.exited or self.exec_seen)
 
     @contextlib.contextmanager
     def _one_maps_read(self):
