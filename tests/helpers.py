@@ -46,6 +46,16 @@ def tracer_pid(pid: int) -> int:
     return 0
 
 
+def reached(pid: int) -> bool:
+    """uprobe-opt has reached process ``pid``: it traces it now, or mapped its areas
+    there (a trace of a running process is traced only while it patches: TracerPid
+    alone can be 0 again before a poll sees it)."""
+    if tracer_pid(pid) != 0:
+        return True
+    with open(f"/proc/{pid}/maps") as f:
+        return "memfd:uprobe-opt" in f.read()
+
+
 def run_cli(*args, timeout=120, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(UPROBE_OPT + [str(a) for a in args], capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT, **kw)

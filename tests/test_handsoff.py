@@ -567,10 +567,17 @@ def test_end_window_puts_the_original_bytes_back_in_one_write(exe, progs):
     writes = []
     real_write = t.target.write
 
+    real_many = t.target.write_many
+
     def write(addr, data):
         writes.append((addr, bytes(data)))
         return real_write(addr, data)
+
+    def write_many(pairs):
+        writes.extend((addr, bytes(data)) for addr, data in pairs)
+        return real_many(pairs)
     t.target.write = write
+    t.target.write_many = write_many
     t.detach()
     at_site = [d for a, d in writes if a <= site < a + len(d)]
     assert at_site == [orig], at_site

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from helpers import (ROOT, UPROBE_OPT, UPROBE_OPT_COMMAND, exec_mappings, proc_state,
-                     text_vs_file, tracer_pid)
+                     reached, text_vs_file, tracer_pid)
 from uprobe_opt.session import Tracer
 
 pytestmark = pytest.mark.timeout(180)
@@ -786,7 +786,7 @@ def test_signals_exactly_once_in_order_through_attach_trace_detach(lc, procs, mo
                 sigqueue(prog.pid, None, sig, proc_sent[-1])
         time.sleep(0.001)
     p = cli("trace", "-p", prog.pid, "probed", "--handler", "count", *extra)
-    wait_until(lambda: (send_some(), tracer_pid(prog.pid))[1] != 0 or p.poll() is not None,
+    wait_until(lambda: (send_some(), reached(prog.pid))[1] or p.poll() is not None,
                30, "attach")
     t_end = time.monotonic() + 1.0
     while time.monotonic() < t_end:
@@ -825,7 +825,7 @@ def test_sigstop_sigcont_as_without_us(lc, procs):
     prog = procs(lc.pie, "spin", 2)
     prog.line("ready")
     p = cli("trace", "-p", prog.pid, "probed", "--handler", "count")
-    wait_until(lambda: tracer_pid(prog.pid) != 0, 30, "attach")
+    wait_until(lambda: reached(prog.pid), 30, "attach")
     time.sleep(0.3)
     for _ in range(2):
         os.kill(prog.pid, signal.SIGSTOP)

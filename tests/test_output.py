@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from helpers import (ROOT, UPROBE_OPT, UPROBE_OPT_COMMAND, exec_mappings, tracer_pid,
-                     wait_for_line)
+from helpers import (ROOT, UPROBE_OPT, UPROBE_OPT_COMMAND, exec_mappings, reached,
+                     tracer_pid, wait_for_line)
 
 STATUS_LOOP = r'''
 #include <poll.h>
@@ -361,7 +361,7 @@ def test_top_q_typed_at_once_is_not_lost(status_loop, tmp_path):
     tmux = Tmux(f"uprobe-opt-test-{os.getpid()}-early", tmp_path)
     try:
         _start_top(tmux, target, "f")
-        wait_until(lambda: tracer_pid(target.pid) != 0, 60, "top to attach")
+        wait_until(lambda: reached(target.pid), 60, "top to attach")
         tmux("send-keys", "-t", "top", "q")
         wait_until(lambda: "EXIT=" in tmux.screen(), 60, "top to exit")
         screen = tmux.screen()

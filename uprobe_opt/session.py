@@ -102,6 +102,7 @@ class Tracer:
         # child; it may adopt the child (uprobe_opt.follow, ``-f``).  None: let it go.
         self.follower: Callable | None = None
         self.attached_reason: str | None = None   # why hands_off is False, if told
+        self._let_go_at_start = False       # attach(): see start()
         target.fork_hook = self._on_fork
         # --follow-exec: specs resolved again after an exec (see follow_exec)
         self.follow_execs = False
@@ -135,10 +136,12 @@ class Tracer:
         AccessDenied by the first add_probes."""
         target = Target.attach(pid, stop=False)
         try:
-            return cls(target, **kw)
+            tracer = cls(target, **kw)
         except BaseException:
             target.detach()
             raise
+        tracer._let_go_at_start = True
+        return tracer
 
     @classmethod
     def spawn(cls, argv: Sequence[str], *, stdin=None, stdout=None, stderr=None,
@@ -410,6 +413,13 @@ class Tracer:
         self.manager.optimize_pending(force=True)
         if self.target.stopped and not self.target.exited:
             self.target.resume_all()
+        if self._let_go_at_start:
+            # A running process attached: let go now, not after the first wait (up
+            # to 0.2 s during which each signal stops the thread it is sent to until
+            # we wait for it).  A spawned program keeps its tracer until then: what
+            # it does first (exec a new program, fork) is seen exactly; a released
+            # one notices an exec only within a wake-up.
+            self._let_go()
 
     def wake_timeout(self) -> float:
         """Seconds run() may sleep before its next service: the ring and the kernel's
@@ -583,6 +593,8 @@ class Tracer:
             if not t.exited and not self.exec_seen and (
                     self.manager.has_patches() or not t.released):
                 if not t.stopped:
+                    # Checked while it runs; the window re-reads only the pages.
+                    self.manager.preverify(self.manager.sites.values())
                     t.stop_all()     # a released target: seized again, one window
                 live_rsp = self._thread_rsps()
                 self.notes += self.manager.shutdown()
