@@ -125,6 +125,7 @@ class Tracer:
             self.manager.records.buffer_bytes = buffer_size
         self.manager.rseq_offset = self._find_rseq_offset()
         self.manager.landing_pads = self.resolver.landing_pads
+        self.manager.let_go_check = self._lets_go_in_windows
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -210,6 +211,12 @@ class Tracer:
             self.manager.let_go()
         except ProcessGone:
             pass
+
+    def _lets_go_in_windows(self) -> bool:
+        """ProbeManager.may_release: a window with nothing left for the tracer ends
+        by letting go (one window less than a let-go of its own); see start() for
+        why only a process attached while it ran."""
+        return self._let_go_at_start and self.hands_off and not self.exec_seen
 
     def _on_fork(self, child) -> None:
         """Target.fork_hook: the child gets the original bytes back before it runs

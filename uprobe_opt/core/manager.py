@@ -92,11 +92,13 @@ class ProbeManager:
         self._starts_of, self._starts = None, []  # _mapping_at
         self._batch_maps: list | None = None     # _one_maps_read
         self._pages_gen: tuple | None = None     # target.generation they belong to
-        self.release_after_window = False        # see _AllStopped
+        self.release_after_window = False        # see may_release
+        self.let_go_check: Callable | None = None   # see may_release
         self._snap_pages: dict | None = None     # preverify: pages read for the check
         self._snapshot: tuple | None = None      # preverify -> _prove
         self._proven: tuple | None = None        # (window, site addresses) see _verify
         self._int3_batch: list | None = None     # see _write_int3s
+        self._staged: tuple | None = None        # see _stage
         target.fork_hook = self.on_fork
         arch.shadow_stack = _uses_shadow_stack(target.pid)
 
@@ -373,11 +375,24 @@ class ProbeManager:
             self.pauses.append(time.monotonic() - t0)
         return released
 
+    def may_release(self, was_released: bool) -> bool:
+        """At the end of a window: let the target go now instead of resuming it?
+        A target released before the window whose owner asked for it
+        (``release_after_window``), or one whose owner lets it go as soon as nothing
+        needs the tracer (``let_go_check()`` True, see :meth:`tracer_reason`)."""
+        if was_released and self.release_after_window:
+            return True
+        check = self.let_go_check
+        return (check is not None and not (self.exited or self.exec_seen)
+                and not self.optimizing and self.tracer_reason() is None and check())
+
     def site_needs_tracer(self, site: Site) -> bool:
         """True when a hit at ``site`` stops the hitting thread for the tracer: an
         int3 (armed, not optimized, not served by the kernel's uprobe) with an enabled
         probe, or a detour that traps to run a Python pre_handler.  The one place that
         decides (see tracer_reason)."""
+        if site.optimized and site.detour_kind != "python":
+            return False         # its detour serves every kind it was built for
         if site.gone or not site.enabled_probes():
             return False
         if site.wanted_kind() == "python":
@@ -483,10 +498,10 @@ class ProbeManager:
                 for site in batch:
                     site.armed = False
             elif batch:
-                # The optimizer's snapshot first: from the first int3 to its window
+                # The optimizer's work first: from the first int3 to its window
                 # nothing is left to do but write the jumps.
-                self.preverify([site for site in batch if site.detour is not None],
-                               overlay=batch)
+                self._stage([site for site in batch if site.detour is not None
+                             and site in self.optimizing], overlay=batch)
                 self._write_int3s(batch)
         if running and not self.optimizing:
             self.target.unhurry()            # nothing to optimize: the stage stays
@@ -877,9 +892,22 @@ class ProbeManager:
             self.on_exec()
         return self.exec_seen
 
+    def _stage(self, sites: list[Site], overlay: list[Site]) -> None:
+        """Before the breakpoints of a fresh batch are written: the optimizer's work
+        for the window that follows (jumps planned, the spans no thread may be in,
+        the snapshot it verifies against), so the int3 stage is that window's wait."""
+        for site in sites:
+            self._plan_jump(site)
+        self._staged = (set(sites), self._busy_spans(sites))
+        self.preverify(sites, overlay=overlay)
+
     def _optimize_batch(self, due: list[Site], now: float) -> int:
         # Detours are analysed, built and written into fresh slots while the target
         # runs (nothing can reach a fresh slot yet); only the patch needs quiescence.
+        staged, self._staged = self._staged, None
+        if staged is not None and staged[0] == set(due) and all(
+                site.armed and site.detour_kind == site.wanted_kind() for site in due):
+            return self._optimize_window(due, staged[1], now)
         ready = []
         work = 0
         for i, site in enumerate(due):
@@ -901,6 +929,12 @@ class ProbeManager:
             self.preverify(ready)
         if not self._served_meanwhile(15):
             return 0
+        return self._optimize_window(ready, spans, now)
+
+    def _optimize_window(self, ready: list[Site], spans: tuple, now: float) -> int:
+        """The optimizer's window: jumps written for every site of ``ready`` (prepared
+        and planned) no thread is inside (``spans``: see _busy_spans); the others are
+        deferred."""
         with self._stopped():
             # Threads that trapped on a breakpoint before we stopped them: run their
             # hits now, resuming them (later) in the detour's relocated region.
@@ -1495,8 +1529,8 @@ def _uses_shadow_stack(pid: int) -> bool:
 class _AllStopped:
     """Context manager: a window (all threads stopped inside), previous state restored
     after.  A released target is seized for the window and stays seized after it (the
-    owner decides when to let it go again), unless the manager's
-    ``release_after_window`` is set: then it is released again at the window's end."""
+    owner decides when to let it go again), unless ProbeManager.may_release says it
+    is let go at the window's end (one window, not a second one to let go)."""
 
     def __init__(self, manager, pauses: list):
         self.manager = manager
@@ -1517,8 +1551,10 @@ class _AllStopped:
     def __exit__(self, *exc):
         if not self.was_stopped and not self.target.exited:
             self.manager.window += 1
-            if not (self.was_released and self.manager.release_after_window
-                    and exc[0] is None and self.target.release()):
+            if exc[0] is None and self.manager.may_release(self.was_released) \
+                    and self.target.release():
+                self.manager.held = []      # their rips were moved: nothing to deliver
+            else:
                 self.target.resume_all()
             self.pauses.append(time.monotonic() - self.t0)
         return False
