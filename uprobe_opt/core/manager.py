@@ -39,6 +39,9 @@ from uprobe_opt.core.regs import GPR_NAMES, Regs
 from uprobe_opt.errors import (PatchError, ProcessGone, SymbolError, TargetError,
                               UsageError)
 
+# Jumps written in one optimizer window: 1,000 take about 5-10 ms of stop on the test
+# machine (docs/performance.md); 10,000 sites take ten windows, none long.
+MAX_WINDOW_SITES = 1000
 MAX_EXIT_LEAD = 64   # bytes an exit's jump may start before its site (the whole
                      # instructions its jump covers up to the return); checked per site
 PAGE = 4096
@@ -99,6 +102,7 @@ class ProbeManager:
         self._proven: tuple | None = None        # (window, site addresses) see _verify
         self._int3_batch: list | None = None     # see _write_int3s
         self._staged: tuple | None = None        # see _stage
+        self._unnoted: list = []                 # see _note_written
         target.fork_hook = self.on_fork
         arch.shadow_stack = _uses_shadow_stack(target.pid)
 
@@ -208,7 +212,6 @@ class ProbeManager:
         :meth:`preverify`) passes without being read again."""
         proven = self._proven
         if proven is not None and proven[0] == self._runs() and site.addr in proven[1]:
-            proven[1].discard(site.addr)
             return True
         reason = self._unverified(site)
         return True if reason is None else self._site_gone(site, reason)
@@ -252,7 +255,7 @@ class ProbeManager:
         here are left to the window's own check, which decides.  ``overlay``: sites
         whose breakpoint we are about to write (see _write_int3s): the snapshot holds
         it already, so it can be taken before the int3 stage starts."""
-        self._snapshot = None
+        self._snapshot, self._unnoted = None, []
         if self.target.stopped or self.target.exited:
             return
         sites = list(sites)
@@ -293,27 +296,58 @@ class ProbeManager:
 
     def _prove(self) -> None:
         """In a window (every thread stopped): the sites :meth:`preverify` checked
-        whose pages and mappings are as they were then count as verified for this
-        window; the pages read become the window's page cache."""
-        snap, self._snapshot = self._snapshot, None
+        whose pages and mappings are as they were then (or as our own writes since
+        made them, see _note_written) count as verified for this window; the pages
+        read become the window's page cache.  The snapshot stays for later windows
+        (the optimizer's next part, the end)."""
+        self._apply_noted()
+        snap = self._snapshot
         self._proven = None
         if snap is None or not self.target.stopped:
             return
         held, ok = snap
         maps = self._maps()
-        same = set()
+        changed = set()
         for page, (mapping, data) in held.items():
-            if self._mapping_at(maps, page) != mapping:
-                continue
             try:
-                if self._read_code(page, PAGE) == data:
-                    same.add(page)
+                if self._mapping_at(maps, page) == mapping and \
+                        self._read_code(page, PAGE) == data:
+                    continue
             except TargetError:
-                continue
-        jump = self.arch.jump_size
-        self._proven = (self._runs(), {
-            a for a in ok
-            if a & ~(PAGE - 1) in same and (a + jump - 1) & ~(PAGE - 1) in same})
+                pass
+            changed.add(page)
+        if changed:
+            jump = self.arch.jump_size
+            ok = {a for a in ok if a & ~(PAGE - 1) not in changed
+                  and (a + jump - 1) & ~(PAGE - 1) not in changed}
+        self._proven = (self._runs(), ok)
+
+    def _note_written(self, pairs) -> None:
+        """Our writes (addr, bytes), each in a state its site's check accepts, go
+        into the snapshot's pages too: the next window proves against them.  Noted
+        now, applied after the window (see _apply_noted)."""
+        if self._snapshot is not None:
+            self._unnoted.extend(pairs)
+
+    def _apply_noted(self) -> None:
+        pairs, self._unnoted = self._unnoted, []
+        if self._snapshot is None or not pairs:
+            return
+        held = self._snapshot[0]
+        bufs: dict[int, bytearray] = {}
+        for addr, data in pairs:
+            at, end = addr, addr + len(data)
+            while at < end:                     # a write may cross a page boundary
+                page = at & ~(PAGE - 1)
+                stop = min(end, page + PAGE)
+                if page in held:
+                    buf = bufs.get(page)
+                    if buf is None:
+                        buf = bufs[page] = bytearray(held[page][1])
+                    buf[at - page:stop - page] = data[at - addr:stop - addr]
+                at = stop
+        for page, buf in bufs.items():
+            held[page] = (held[page][0], bytes(buf))
 
     def _site_gone(self, site: Site, reason: str) -> bool:
         """The site's address space is not the one we patched any more."""
@@ -843,6 +877,7 @@ class ProbeManager:
         try:
             self.target.write_many([(site.addr, self.arch.breakpoint) for site in sites])
         except PatchError as e:
+            self._snapshot, self._unnoted = None, []   # the overlay is not true
             done = getattr(e, "done", 0)
             raise
         finally:
@@ -898,6 +933,8 @@ class ProbeManager:
         the snapshot it verifies against), so the int3 stage is that window's wait."""
         for site in sites:
             self._plan_jump(site)
+            self.original.setdefault(site.region.addr,
+                                     site.region.orig[: self.arch.jump_size])
         self._staged = (set(sites), self._busy_spans(sites))
         self.preverify(sites, overlay=overlay)
 
@@ -934,7 +971,23 @@ class ProbeManager:
     def _optimize_window(self, ready: list[Site], spans: tuple, now: float) -> int:
         """The optimizer's window: jumps written for every site of ``ready`` (prepared
         and planned) no thread is inside (``spans``: see _busy_spans); the others are
-        deferred."""
+        deferred.  More than MAX_WINDOW_SITES sites take one window per part, the
+        threads waiting on a breakpoint served between them."""
+        if len(ready) <= MAX_WINDOW_SITES:
+            return self._optimize_part(ready, spans, now)
+        done = 0
+        for i in range(0, len(ready), MAX_WINDOW_SITES):
+            part = ready[i:i + MAX_WINDOW_SITES]
+            spans = self._busy_spans(part)
+            if i and not self._served_meanwhile(15):
+                break
+            done += self._optimize_part(part, spans, now)
+            self._apply_noted()                  # while the target runs
+            if self.exited or self.exec_seen or self.target.released:
+                break
+        return done
+
+    def _optimize_part(self, ready: list[Site], spans: tuple, now: float) -> int:
         with self._stopped():
             # Threads that trapped on a breakpoint before we stopped them: run their
             # hits now, resuming them (later) in the detour's relocated region.
@@ -1152,7 +1205,9 @@ class ProbeManager:
             self.original.setdefault(site.region.addr,
                                      site.region.orig[: self.arch.jump_size])
         try:
-            self.target.write_many([(site.region.addr, site.jump) for site in todo])
+            pairs = [(site.region.addr, site.jump) for site in todo]
+            self.target.write_many(pairs)
+            self._note_written(pairs)
         except PatchError as e:
             todo = todo[:getattr(e, "done", 0)]
             raise
@@ -1330,6 +1385,8 @@ class ProbeManager:
     def on_exec(self) -> None:
         """The address space is gone: every probe is gone; never write again."""
         self.exec_seen = True
+        self._snapshot = self._staged = None
+        self._unnoted = []
         self._exec_count = getattr(self.target, "exec_count", 0)
         self.semaphores.forget()
         for probe in self.probes:
@@ -1440,7 +1497,9 @@ class ProbeManager:
             elif site.armed and self._verify(site):
                 todo.append((site, site.addr, site.orig[:1]))
         try:
-            self.target.write_many([(addr, data) for _, addr, data in todo])
+            pairs = [(addr, data) for _, addr, data in todo]
+            self.target.write_many(pairs)
+            self._note_written(pairs)
         except PatchError as e:
             todo = todo[:getattr(e, "done", 0)]
             raise
