@@ -223,7 +223,8 @@ class ProbeManager:
         now = self._file_id(site.addr)
         if now != site.file_id:
             what = "unmapped" if now is None else "mapped to another file"
-            return f"the code at {site.addr:#x} was {what} (library unloaded?): nothing written"
+            return (f"the code at {site.addr:#x} was {what} (library unloaded?): nothing "
+                    "written")
         if site.region is not None and site.region.addr != site.addr:
             return None      # an exit: its jump starts before it; the mapping is checked
         n = min(self.arch.jump_size, len(site.orig))

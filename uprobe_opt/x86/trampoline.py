@@ -140,21 +140,36 @@ class HandlerSpec:
 class Detour:
     """``code`` goes at ``slot_addr``.  ``trap_addr``: the int3 of a python handler (the
     tracer sees rip == trap_addr+1 and the frame at rsp), else None.  ``reloc_addr``:
-    where the relocated region starts.  ``relocated``: (original insn, text of its
-    relocated form) pairs for ``uprobe-opt explain``."""
+    where the relocated region starts.  ``spans``: (original insn, start, end offset of
+    its relocated form in ``code``; None for a jump back that joins the previous one),
+    rendered as text by :attr:`relocated` when asked (``uprobe-opt explain``): not for
+    every detour built."""
 
     slot_addr: int
     code: bytes
     region: Region
     trap_addr: int | None
     reloc_addr: int
-    relocated: tuple[tuple[Insn, str], ...]
+    spans: tuple[tuple[Insn | None, int, int], ...]
     handler_addr: int | None = None   # exit detours: where the frame save starts (the
                                       # relocated instructions before it run first)
     rseq: tuple[tuple[int, int, int], ...] = ()   # (start_ip, post_commit_ip, abort_ip)
                                       # of each restartable sequence (lean.py)
     sections: tuple[tuple[str, int, int], ...] = ()   # (what, start, end) for explain
     data: tuple[tuple[int, int, str], ...] = ()       # (addr, size, what): not code
+
+    @property
+    def relocated(self) -> tuple[tuple[Insn, str], ...]:
+        """(original insn, text of its relocated form) pairs, in order."""
+        out: list[tuple[Insn, str]] = []
+        for insn, start, end in self.spans:
+            text = _render(self.code, self.slot_addr, start, end)
+            if insn is None:       # the jump back joins the last instruction's text
+                prev_insn, prev_text = out.pop()
+                out.append((prev_insn, f"{prev_text}; {text}"))
+            else:
+                out.append((insn, text))
+        return tuple(out)
 
     @property
     def jump(self) -> bytes:
@@ -263,18 +278,10 @@ def build_detour(region: Region, slot_addr: int, handler: HandlerSpec) -> Detour
         return Refusal(Reason.NOT_RELOCATABLE, region.addr,
                        f"the detour for 0x{region.addr:x} needs {len(code)} bytes, "
                        f"more than a {SLOT_SIZE}-byte slot")
-    relocated = []
-    for insn, start, end in spans:
-        text = _render(code, slot_addr, start, end)
-        if insn is None:       # the jump back joins the last instruction's text
-            prev_insn, prev_text = relocated.pop()
-            relocated.append((prev_insn, f"{prev_text}; {text}"))
-        else:
-            relocated.append((insn, text))
     sections = (("handler (saves, handler, restores)", slot_addr, reloc_addr),
                 ("relocated region and jump back", reloc_addr, tail.start)) + \
         _tail_sections(tail, slot_addr + len(code))
-    return Detour(slot_addr, code, region, trap_addr, reloc_addr, tuple(relocated),
+    return Detour(slot_addr, code, region, trap_addr, reloc_addr, tuple(spans),
                   rseq=tuple(tail.rseq), sections=sections, data=_data(tail, slot_addr, code))
 
 
@@ -315,12 +322,12 @@ def build_exit_detour(region: Region, slot_addr: int, handler: HandlerSpec
         return Refusal(Reason.NOT_RELOCATABLE, region.addr,
                        f"the exit detour for 0x{exit_insn.addr:x} needs {len(code)} bytes, "
                        f"more than a {SLOT_SIZE}-byte slot")
-    relocated = tuple((insn, _render(code, slot_addr, s, e)) for insn, s, e in spans)
     sections = (("relocated instructions before the exit", slot_addr, handler_addr),
                 ("handler (saves, handler, restores)", handler_addr, reloc_addr),
                 ("the exit itself", reloc_addr, tail.start)) + \
         _tail_sections(tail, slot_addr + len(code))
-    return Detour(slot_addr, code, region, trap_addr, reloc_addr, relocated, handler_addr,
+    return Detour(slot_addr, code, region, trap_addr, reloc_addr, tuple(spans),
+                  handler_addr,
                   rseq=tuple(tail.rseq), sections=sections, data=_data(tail, slot_addr, code))
 
 
