@@ -125,6 +125,7 @@ class Tracer:
             self.manager.records.buffer_bytes = buffer_size
         self.manager.rseq_offset = self._find_rseq_offset()
         self.manager.landing_pads = self.resolver.landing_pads
+        self.manager.function_facts = self.resolver.function_facts
         self.manager.let_go_check = self._lets_go_in_windows
 
     # -- construction -----------------------------------------------------------------

@@ -187,12 +187,25 @@ class KernelService:
         site.kernel = None
         self.ku.remove(site.id, wait=wait)
 
-    def release_all(self, *, wait: bool = False) -> None:
-        for site in list(self.manager.sites.values()):
-            self.release(site, wait=wait)
+    def release_all(self, *, wait: bool = False, defer: bool = False) -> None:
+        """:meth:`release` for every served site, their events closed together
+        (``defer``: see :meth:`close`)."""
+        sites = [s for s in self.manager.sites.values()
+                 if getattr(s, "kernel", None) is self]
+        if not sites:
+            return
+        self.manager.records.stash_kernel(self.ku.take(final=True))
+        for site in sites:
+            now = self.counts(site)
+            site.kernel_base = [b + n for b, n in zip(site.kernel_base, now)]
+        for site in sites:
+            site.kernel = None
+        self.ku.remove_many([site.id for site in sites], wait=wait, defer=defer)
 
-    def close(self) -> None:
-        """Close everything, on a background thread (the target is not stopped by it)."""
+    def close(self, *, defer: bool = False) -> None:
+        """Close everything, on a background thread (the target is not stopped by it).
+        ``defer`` (the end window): the counts are read now, the thread starts at the
+        next close (after the window)."""
         if self.ku is not None:
-            self.release_all()
-            self.ku.close(wait=False)
+            self.release_all(defer=defer)
+            self.ku.close(wait=False, defer=defer)

@@ -42,6 +42,9 @@ from uprobe_opt.errors import (PatchError, ProcessGone, SymbolError, TargetError
 # Jumps written in one optimizer window: 1,000 take about 5-10 ms of stop on the test
 # machine (docs/performance.md); 10,000 sites take ten windows, none long.
 MAX_WINDOW_SITES = 1000
+# Batches of at least this many fresh sites analyse with the module sweep's facts
+# (SymbolResolver.function_facts): building the sweep costs more than it saves for a few.
+FACTS_BATCH = 64
 MAX_EXIT_LEAD = 64   # bytes an exit's jump may start before its site (the whole
                      # instructions its jump covers up to the return); checked per site
 PAGE = 4096
@@ -79,6 +82,9 @@ class ProbeManager:
         # (func_addr, func_size) -> addresses entered from outside the function's own
         # branches (C++ landing pads), or None when they cannot be known.
         self.landing_pads: Callable = lambda addr, size: ()
+        # (func_addr, func_size) -> the module sweep's facts or None (see _facts)
+        self.function_facts: Callable | None = None
+        self._batch_sites = 0                    # fresh sites of the batch being armed
         self.rseq_offset: int | None = None
         self.pauses: list[float] = []            # seconds each quiescence point lasted
         # progress(phase, done, total) during long batches (a bar on a terminal)
@@ -511,9 +517,14 @@ class ProbeManager:
             # Fresh sites, threads running: their detours are analysed and written
             # now, before any int3, so the int3 stage (when a killed tracer would take
             # the target with it) lasts only until the optimizer's window.
-            for site in news.values():
-                if site.want_optimize and any(p.want_optimize for p in site.probes):
-                    self._prepare_detour(site, armed=False)
+            self._batch_sites = len(news)
+            try:
+                with self._one_maps_read():
+                    for site in news.values():
+                        if site.want_optimize and any(p.want_optimize for p in site.probes):
+                            self._prepare_detour(site, armed=False)
+            finally:
+                self._batch_sites = 0
             # Every thread traced (not stopped) before the first int3: one that meets
             # it traps to us, clones are traced from birth.
             self.target.seize()
@@ -533,6 +544,12 @@ class ProbeManager:
                 for site in batch:
                     site.armed = False
             elif batch:
+                # Sites the analysis just refused stay int3 (or the kernel serves them,
+                # serve_refused): not queued to be analysed again (libc:*, 200 of
+                # 3,600 sites: 3 s more of the int3 stage).
+                for site in batch:
+                    if site.detour is None and site.refusal is not None:
+                        self._dequeue(site)
                 # The optimizer's work first: from the first int3 to its window
                 # nothing is left to do but write the jumps.
                 self._stage([site for site in batch if site.detour is not None
@@ -652,6 +669,41 @@ class ProbeManager:
             self._check_unpatched(resolved, addr, maps)
         return addr
 
+    def _file_bytes(self, addr: int, n: int, maps=None) -> bytes | None:
+        """The bytes of the file mapped at [addr, addr+n), read through
+        /proc/PID/map_files (the exact file mapped there); None for anonymous memory
+        or when it cannot be read."""
+        m = self._mapping_at(maps or self.target.maps(), addr)
+        if m is None or not m.inode or addr + n > m.end:
+            return None
+        try:
+            fd = os.open(f"/proc/{self.target.pid}/map_files/{m.start:x}-{m.end:x}",
+                         os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            return os.pread(fd, n, m.offset + addr - m.start)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+    def _facts(self, site: Site, func_code: bytes):
+        """The module sweep's facts of the site's function (see
+        SymbolResolver.function_facts: its branches and indirect jumps, from the file)
+        for a batch of many sites, where decoding every whole function again is the
+        cost (libc:*: 3,600 functions, 30 s); None otherwise, or when the function's
+        bytes in the process are not the file's (the facts describe the file)."""
+        if self.function_facts is None or self._batch_sites < FACTS_BATCH:
+            return None
+        if self._file_bytes(site.func_addr, site.func_size, self._batch_maps) \
+                != bytes(func_code[:site.func_size]):
+            return None
+        try:
+            return self.function_facts(site.func_addr, site.func_size)
+        except Exception:
+            return None
+
     def _check_unpatched(self, resolved, addr: int, maps=None) -> None:
         """The bytes a jump would cover must be the file's: anything else is another
         tool's patch (a jump left by a uprobe-opt that was killed, or one still tracing
@@ -662,20 +714,9 @@ class ProbeManager:
         the check is skipped."""
         end = resolved.func_addr + resolved.func_size
         n = max(1, min(self.arch.jump_size, end - addr))
-        m = next((m for m in maps or self.target.maps() if m.start <= addr < m.end), None)
-        if m is None or not m.inode:
+        want = self._file_bytes(addr, n, maps)
+        if want is None:
             return
-        try:
-            fd = os.open(f"/proc/{self.target.pid}/map_files/{m.start:x}-{m.end:x}",
-                         os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            want = os.pread(fd, n, m.offset + addr - m.start)
-        except OSError:
-            return
-        finally:
-            os.close(fd)
         live = self.recovered(addr, n)          # our own patches nearby are no one else's
         if len(want) == n and live != want:
             raise SymbolError(
@@ -907,6 +948,8 @@ class ProbeManager:
         now = time.monotonic()
         due = [s for s in self.optimizing if force or s.retry_at <= now]
         if not due:
+            if force:
+                self.serve_refused()
             return 0
         try:
             done = self._optimize_batch(due, now)
@@ -1035,7 +1078,7 @@ class ProbeManager:
                                           site.addr, others, pads)
         else:
             region = self.arch.check(func_code, site.func_addr, site.func_size, site.addr,
-                                     others, pads)
+                                     others, pads, facts=self._facts(site, func_code))
         if not hasattr(region, "size"):
             return self._refuse(site, region)
         if not 0 <= site.addr - region.addr <= MAX_EXIT_LEAD:
@@ -1416,9 +1459,10 @@ class ProbeManager:
             # probe.reason answers final_reason)
             probe.final_state, probe.final_reason = probe.state, probe.reason
         # Every thread is stopped: the kernel's counts are final.  Its events close on
-        # a background thread; our restore writes the original bytes now, so the
-        # kernel's own restore (set_orig_insn) finds no int3 and writes nothing.
-        self.kernel.close()
+        # a background thread, started after the window (Tracer.detach closes again);
+        # our restore writes the original bytes now, so the kernel's own restore
+        # (set_orig_insn) finds no int3 and writes nothing.
+        self.kernel.close(defer=True)
         self._prove()
         self.restore_all()
         for probe in self.probes:

@@ -472,6 +472,7 @@ class KernelUprobes:
         self.pending: list[np.ndarray] = []
         self._held = np.zeros(0, SAMPLE_DTYPE)
         self.closing: list = []                             # background closers
+        self._deferred: list = []                           # _close_sites(defer=True)
 
     def add(self, key: int, path: str, offset: int, tids, *, sample: bool = False) -> None:
         """:meth:`prepare` then :meth:`arm`."""
@@ -645,20 +646,49 @@ class KernelUprobes:
         RCU grace periods (tens of ms to seconds per event on a busy machine; the
         target is not stopped meanwhile), so by default it happens on a background
         thread; ``wait`` blocks until done.  Returns the final hit count."""
+        return self.remove_many([key], wait=wait)[key]
+
+    def remove_many(self, keys, *, wait: bool = False, defer: bool = False
+                    ) -> dict[int, int]:
+        """:meth:`remove` for every site of ``keys``, the rings drained once and the
+        events closed together on one background thread (one thread per site made
+        the tracer wait for the GIL behind hundreds of them: 1.4 s for 205 sites,
+        with the target stopped).  ``defer``: see :meth:`close`.  Returns {key: final
+        hit count}."""
         self.drain(final=True)
-        site = self.sites.pop(key)
-        final = sum(struct.unpack("<Q", os.read(fd, 8))[0] for fd in site.fds.values())
-        self._close_site(site, wait=wait)
-        return final
+        finals, sites = {}, []
+        for key in keys:
+            site = self.sites.pop(key)
+            finals[key] = sum(struct.unpack("<Q", os.read(fd, 8))[0]
+                              for fd in site.fds.values())
+            sites.append(site)
+        self._close_sites(sites, wait=wait, defer=defer)
+        return finals
 
     def _close_site(self, site: _Site, wait: bool) -> None:
-        fds, event = list(site.fds.values()), site.event
-        site.fds, site.event = {}, None
+        self._close_sites([site], wait)
+
+    def _close_sites(self, sites: list[_Site], wait: bool, defer: bool = False) -> None:
+        """Close the sites' events: now (``wait``), on one background thread, or
+        (``defer``) on the thread the next close without ``defer`` starts."""
+        fds = [fd for site in sites for fd in site.fds.values()]
+        events = [site.event for site in sites if site.event is not None]
+        paths = [(site.path, site.offset) for site in sites]
+        for site in sites:
+            site.fds, site.event = {}, None
+        if defer:
+            self._deferred.append((fds, events, paths))
+            return
+        for more in self._deferred:
+            fds, events, paths = fds + more[0], events + more[1], paths + more[2]
+        self._deferred = []
+        if not fds and not events:
+            return
 
         def work():
             for fd in fds:
                 os.close(fd)
-            if event is not None:
+            for event in events:
                 try:
                     _tracefs_write(f"-:{event}")
                 except OSError:
@@ -677,21 +707,23 @@ class KernelUprobes:
                                   daemon=True)
             th.start()
             self.closing.append(th)
-            try:
-                key = (os.stat(site.path).st_ino, site.offset)
-            except OSError:
-                return
-            _CLOSING.setdefault(key, []).append(th)
+            for path, offset in paths:
+                try:
+                    key = (os.stat(path).st_ino, offset)
+                except OSError:
+                    continue
+                _CLOSING.setdefault(key, []).append(th)
 
-    def close(self, *, wait: bool = True) -> None:
+    def close(self, *, wait: bool = True, defer: bool = False) -> None:
         """Drain, then close everything (idempotent).  ``wait`` False: the events are
-        closed on a background thread (see :meth:`remove`); :meth:`join` waits."""
+        closed on a background thread (see :meth:`remove`); :meth:`join` waits.
+        ``defer``: that thread starts only at the next close (the end window: no
+        thread of ours competes with the tracer while the target is stopped)."""
         try:
             self.drain(final=True)
         except (ValueError, OSError):
             pass
-        for site in list(self.sites.values()):
-            self._close_site(site, wait=False)
+        self._close_sites(list(self.sites.values()), wait=False, defer=defer)
         self.sites.clear()
         for fd, ring in self.rings.values():
             ring.close()

@@ -875,6 +875,8 @@ class Target:
                 return False
         if any(not t.stopped or t.proc != self.pid for t in self._threads.values()):
             return False
+        if self._take_pending_traps():
+            return False              # their TrapEvents first (poll): ours to handle
         if not self._open_pidfd():
             return False                          # no pidfd: we could not see the exit
         dying = [t for t in list(self._threads.values()) if not self._detach_thread(t)]
@@ -1753,10 +1755,41 @@ class Target:
                     if not t.stopped and not t.new:
                         self._interrupt(t)
                 self._wait_until_quiet(5.0)
+                self._take_pending_traps()      # settled below (_settle_trap)
                 for t in list(self._threads.values()):
                     self._detach_thread(t)
         finally:
             self._close()
+
+    def _take_pending_traps(self) -> bool:
+        """Every stopped thread whose int3 SIGTRAP is generated but not reported yet
+        runs until the kernel reports it, and holds it as a TrapEvent.  A stop of
+        ours (PTRACE_INTERRUPT) is taken before the kernel dequeues a synchronous
+        signal (kernel/signal.c get_signal: job-control traps first), so a thread
+        stopped right after it executed an int3 keeps that SIGTRAP pending; detached
+        then, it would die of it, with no tracer to report it to.  Resumed, it
+        reports it at once, before any instruction of its own.  True if any."""
+        pending = [t for t in self._threads.values()
+                   if t.stopped and not t.held and not t.group_stop
+                   and t.proc == self.pid and self._trap_pending(t)]
+        for t in pending:
+            self._resume_thread(t)
+        if pending:
+            self._wait(lambda: all(t.stopped or t.tid not in self._threads
+                                   for t in pending), 2.0)
+        return bool(pending)
+
+    def _trap_pending(self, t: _Thread) -> bool:
+        """SIGTRAP is in the thread's own pending set (/proc/PID/task/TID/status
+        SigPnd: where the kernel queues an int3's trap)."""
+        try:
+            with open(f"/proc/{self.pid}/task/{t.tid}/status") as f:
+                for line in f:
+                    if line.startswith("SigPnd:"):
+                        return bool(int(line.split()[1], 16) & (1 << (signal.SIGTRAP - 1)))
+        except (OSError, ValueError, IndexError):
+            pass
+        return False
 
     def _detach_thread(self, t: _Thread) -> bool:
         """False when the thread was killed meanwhile (ESRCH): it stays our tracee
