@@ -2,10 +2,14 @@
 
 A site that stays int3 (the optimizer refused a jump there) with only ``count`` or
 ``record`` probes needs no tracer: the kernel takes the trap, runs the displaced
-instruction out of line, and counts (and samples) each hit.  The hand-over happens in
-one window with every thread stopped: the kernel's installer finds our int3 already
+instruction out of line, and counts (and samples) each hit.  Each site is handed over
+in a window with every thread stopped (sites in parts of bounded length, _arm): the
+kernel's installer finds our int3 already
 in place and writes nothing (kernel/events/uprobes.c ``verify_opcode``), so from the
-first open every hit is the kernel's and none is lost or seen twice.  The instruction
+first open every hit is the kernel's and none is lost or seen twice.  A site the
+analysis refuses before it was ever armed gets no int3 of ours at all: the kernel
+plants its own at the hand-over (no breakpoint that needs the tracer, whose death
+would kill the process at the next hit, ever exists there).  The instruction
 it runs out of line is the file's, so a site is handed over only when the bytes we
 displaced equal the file's bytes there.
 
@@ -17,10 +21,12 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from uprobe_opt.errors import TargetError
 
 KERNEL_KINDS = ("count", "record")
+ARM_WINDOW_S = 0.010     # seconds of event opens in one hand-over window (see _arm)
 
 
 class KernelService:
@@ -55,13 +61,14 @@ class KernelService:
         perf.wait_closed(file_id[1], file_id[2])
 
     # -- predicates --------------------------------------------------------------------
-    def can_serve(self, site) -> str | None:
-        """None when ``site`` can be handed to the kernel, else why not."""
+    def can_serve(self, site, unarmed: bool = False) -> str | None:
+        """None when ``site`` can be handed to the kernel, else why not.  ``unarmed``:
+        a site with no int3 of ours yet qualifies too (the kernel plants its own)."""
         if not self.enabled:
             return self.reason
         if site.wanted_kind() not in KERNEL_KINDS:
             return "a Python handler runs in the tracer"
-        if site.optimized or not site.armed:
+        if site.optimized or not (site.armed or unarmed):
             return "not an int3 site"
         if site.record_regs is not None and site.wanted_kind() == "record":
             # A return probe's entry or exit: its records carry rsp (and the return
@@ -75,8 +82,8 @@ class KernelService:
 
     # -- hand-over ---------------------------------------------------------------------
     def serve(self, sites) -> list:
-        """Hand ``sites`` to the kernel: prepared while the target runs, armed in one
-        window.  Returns the sites now served; a site the kernel refuses keeps ptrace
+        """Hand ``sites`` to the kernel: prepared while the target runs, armed in
+        windows (see _arm).  Returns the sites now served; a site the kernel refuses keeps ptrace
         (its ``kernel_note`` says why)."""
         from uprobe_opt.target import perf
         m = self.manager
@@ -126,32 +133,43 @@ class KernelService:
         return True
 
     def _arm(self, ready: list) -> list:
-        if not ready:
-            return []
+        """Open the events of ``ready`` on every thread, all stopped: one window per
+        part of at most ARM_WINDOW_S seconds of opens (each open registers a uprobe:
+        milliseconds; 400 sites at once froze a server for 10 s), so each site is
+        armed on every thread at one moment and no stop lasts long."""
         m = self.manager
         done = []
-        with m._stopped():
-            # Traps taken before the stop are ours (counted by the tracer).
-            for ev in m.target.poll(0):
-                m.handle_event(ev, resume=False)
-            if m.exited or m.exec_seen:
-                return []
-            tids = m.target.tids
-            for site in ready:
-                if not site.armed or site.optimized or \
-                        site.wanted_kind() not in KERNEL_KINDS:
-                    self.ku.remove(site.id, wait=False)
-                    continue
-                try:
-                    self.ku.arm(site.id, tids)
-                except TargetError as e:
-                    site.kernel_note = str(e)
-                    continue
-                site.kernel = self
-                site.kernel_kind = site.wanted_kind()
-                site.kernel_served = True
-                done.append(site)
-        m.release_held()
+        todo = list(ready)
+        while todo:
+            with m._stopped():
+                # Traps taken before the stop are ours (counted by the tracer).
+                for ev in m.target.poll(0):
+                    m.handle_event(ev, resume=False)
+                if m.exited or m.exec_seen:
+                    for site in todo:
+                        self.ku.remove(site.id, wait=False)
+                    return done
+                tids = m.target.tids
+                end = time.monotonic() + ARM_WINDOW_S
+                first = True
+                while todo and (first or time.monotonic() < end):
+                    first = False
+                    site = todo.pop(0)
+                    if site.optimized or site.wanted_kind() not in KERNEL_KINDS:
+                        self.ku.remove(site.id, wait=False)
+                        continue
+                    try:
+                        self.ku.arm(site.id, tids)
+                    except TargetError as e:
+                        site.kernel_note = str(e)
+                        continue
+                    site.kernel = self
+                    site.kernel_kind = site.wanted_kind()
+                    site.kernel_served = True
+                    done.append(site)
+            m.release_held()
+            if todo and not m.target.released and not m.serve_waiting():
+                break
         return done
 
     @property

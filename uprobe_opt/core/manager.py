@@ -557,6 +557,10 @@ class ProbeManager:
                 self._write_int3s(batch)
         if running and not self.optimizing:
             self.target.unhurry()            # nothing to optimize: the stage stays
+        if not self.optimizing:
+            # Sites left for the kernel (_kernel_first); with jumps to write, the
+            # optimizer hands them over after its window (optimize_pending).
+            self.serve_refused()
         self.progress("arming", len(items), len(items))
         return made
 
@@ -814,13 +818,21 @@ class ProbeManager:
         # Collisions first: unoptimizing a region rewrites its tail bytes, which
         # would erase a breakpoint planted inside it beforehand.
         self._collision_check(site)
-        if not site.armed:
+        refused = site.detour is None and site.refusal is not None
+        if not site.armed and not (refused and self._kernel_first(site)):
             self._arm(site)
         if site.optimized and site.detour_kind != kind:
             self._unoptimize(site)
-        if (not site.optimized and site.want_optimize
+        if (not site.optimized and site.want_optimize and not refused
                 and any(p.want_optimize for p in site.enabled_probes())):
             self._enqueue(site)
+
+    def _kernel_first(self, site: Site) -> bool:
+        """A site the analysis refused, not armed yet, that the kernel's uprobe can
+        serve: it is left unarmed for serve_refused, which hands it over and lets the
+        kernel plant the int3 (see uprobe_opt.core.kernel)."""
+        return (site.kernel is None and site.kernel_note is None and site.want_optimize
+                and self.kernel.can_serve(site, unarmed=True) is None)
 
     def _usdt_semaphore(self, site: Site, live: bool) -> None:
         """A USDT marker's semaphore counts one more tracer while the site has an
@@ -856,10 +868,24 @@ class ProbeManager:
         kernel's uprobe.  Returns how many are now served."""
         todo = [s for s in self.sites.values()
                 if s.refusal is not None and s.kernel is None and s.kernel_note is None
-                and s.want_optimize and self.kernel.can_serve(s) is None]
+                and s.want_optimize and self.kernel.can_serve(s, unarmed=True) is None]
         if not todo or self.exited or self.exec_seen:
             return 0
-        return len(self.kernel.serve(todo))
+        served = self.kernel.serve(todo)
+        for site in served:
+            if not site.armed:               # the kernel planted the int3
+                site.file_id = self._file_id(site.addr)
+                self.original.setdefault(site.addr, site.orig[: self.arch.jump_size])
+                site.armed = True
+                self.former_sites.add(site.addr)
+        left = [s for s in todo if s.kernel is None and not s.armed]
+        if left and not (self.exited or self.exec_seen):
+            # The kernel would not take them (kernel_note says why): our int3, and
+            # the tracer serves them.
+            with self._traced():
+                for site in left:
+                    self._site_changed(site)
+        return len(served)
 
     def _collision_check(self, site: Site) -> None:
         """A new probe inside an optimized region forces that region back to int3
