@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from uprobe_opt.errors import ProbeError, TargetExited
+from uprobe_opt.errors import Interrupted, ProbeError, TargetExited
 
 ARG_NAMES = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 
@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     ours, command = _split_command(argv)
     try:
         code = _dispatch(ours, command, stop)
+    except Interrupted:               # stopped while preparing: nothing was armed
+        code = interrupted_status(stop.signum) if stop.signum is not None else 1
     except ProbeError as e:
         from uprobe_opt.output import tell_stderr
         tell_stderr(str(e))               # stderr itself may be what fails: then silence
@@ -154,11 +156,21 @@ def main(argv: list[str] | None = None) -> int:
     # Only as the command (argv from sys.argv): a caller of main(argv) in its own
     # process (tests) gets its handlers back; SIG_IGN would also be inherited by
     # every program it starts afterwards (a SIGTERM to them would do nothing).
+    _join_kernel_closes()
     if argv_given:
         stop.uninstall()
     else:
         stop.hold()
     return code
+
+
+def _join_kernel_closes() -> None:
+    """Kernel uprobes of ours still closing on a background thread (see
+    uprobe_opt.target.perf): wait for them, or the tracefs definitions they remove
+    would outlive us (a daemon thread dies with the interpreter)."""
+    perf = sys.modules.get("uprobe_opt.target.perf")
+    if perf is not None:
+        perf.join_all()
 
 
 def _dispatch(ours: list[str], command: list[str], stop) -> int:

@@ -75,3 +75,8 @@ class PatchError(ProbeError):
 class UsageError(ProbeError):
     """The caller asked for something inconsistent (bad option combination, unknown
     probe, bad handler spec)."""
+
+
+class Interrupted(ProbeError):
+    """A stop was requested (Ctrl-C, SIGTERM...) while probes were being prepared,
+    before any breakpoint was written: the batch is abandoned."""

@@ -153,6 +153,7 @@ class TraceRun:
                                     follow_exec=follow_exec, tracer_kw=child_kw,
                                     records_for=records_for)
         stop.tracer = self.tracer
+        self.tracer.manager.stop_requested = lambda: stop.reason is not None
         self.end: RunEnd | None = None
         self.seconds = 0.0
         self.died_while_arming = False

@@ -36,8 +36,8 @@ from typing import Callable
 from uprobe_opt.core.detour import DetourPool, NoDetourSpace, counter_bytes
 from uprobe_opt.core.probe import HANDLER_KINDS, USDT_REFUSAL, Probe, Site, site_counts
 from uprobe_opt.core.regs import GPR_NAMES, Regs
-from uprobe_opt.errors import (PatchError, ProcessGone, SymbolError, TargetError,
-                              UsageError)
+from uprobe_opt.errors import (Interrupted, PatchError, ProcessGone, SymbolError,
+                              TargetError, UsageError)
 
 # Jumps written in one optimizer window: 1,000 take about 5-10 ms of stop on the test
 # machine (docs/performance.md); 10,000 sites take ten windows, none long.
@@ -84,6 +84,7 @@ class ProbeManager:
         self.landing_pads: Callable = lambda addr, size: ()
         # (func_addr, func_size) -> the module sweep's facts or None (see _facts)
         self.function_facts: Callable | None = None
+        self.stop_requested: Callable[[], bool] = lambda: False   # see _check_stop
         self._batch_sites = 0                    # fresh sites of the batch being armed
         self.rseq_offset: int | None = None
         self.pauses: list[float] = []            # seconds each quiescence point lasted
@@ -484,6 +485,7 @@ class ProbeManager:
         addrs = []
         maps = self.target.maps()       # once, not once per site (10,000 reads)
         for i, item in enumerate(items):
+            self._check_stop(i)
             addrs.append(self._check_site(item[0], maps))
             self.progress("checking sites", i + 1, len(items))
         news = {}
@@ -520,7 +522,8 @@ class ProbeManager:
             self._batch_sites = len(news)
             try:
                 with self._one_maps_read():
-                    for site in news.values():
+                    for i, site in enumerate(news.values()):
+                        self._check_stop(i)
                         if site.want_optimize and any(p.want_optimize for p in site.probes):
                             self._prepare_detour(site, armed=False)
             finally:
@@ -581,6 +584,14 @@ class ProbeManager:
                 self._site_changed(site)
                 if served:
                     self._probe_enabled(probe)
+
+    def _check_stop(self, i: int) -> None:
+        """In the long loops before the first int3 of a batch: Interrupted once the
+        owner's ``stop_requested()`` says so (Ctrl-C while 3,000 sites are prepared
+        acts at once, not a minute later)."""
+        if i % 16 == 15 and self.stop_requested():
+            raise Interrupted("stopped while the probes were prepared: nothing armed",
+                              pid=self.target.pid)
 
     def _served_meanwhile(self, i: int) -> bool:
         """In a loop over sites while the target runs traced (the int3 stage): every

@@ -406,11 +406,21 @@ def _remove_stale_groups() -> None:
 _CLOSING: dict[tuple[int, int], list] = {}
 
 
+_ALL_CLOSES: list = []          # every background closer started (join_all)
+
+
 def closing() -> bool:
     """Some event of ours is still being closed on a background thread."""
     for key in [k for k, ths in _CLOSING.items() if not any(t.is_alive() for t in ths)]:
         del _CLOSING[key]
     return bool(_CLOSING)
+
+
+def join_all(timeout: float | None = None) -> None:
+    """Wait until every event of ours closing on a background thread is closed."""
+    while _ALL_CLOSES:
+        _ALL_CLOSES.pop().join(timeout)
+    closing()
 
 
 def wait_closed(inode: int, offset: int, timeout: float = 5.0) -> None:
@@ -707,6 +717,7 @@ class KernelUprobes:
                                   daemon=True)
             th.start()
             self.closing.append(th)
+            _ALL_CLOSES.append(th)
             for path, offset in paths:
                 try:
                     key = (os.stat(path).st_ino, offset)
