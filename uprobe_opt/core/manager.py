@@ -952,18 +952,35 @@ class ProbeManager:
         us) starts there, not at the batch's first site.  One-byte writes, each
         atomic for instruction fetch.  A PatchError leaves the sites not written
         unarmed and is raised."""
-        done = len(sites)
+        written: set = set()
         try:
-            self.target.write_many([(site.addr, self.arch.breakpoint) for site in sites])
-        except PatchError as e:
+            self._write_pass(sites, [(site.addr, self.arch.breakpoint) for site in sites],
+                             written, note=False)
+        except PatchError:
             self._snapshot, self._unnoted = None, []   # the overlay is not true
+            raise
+        finally:
+            for site in sites:
+                if site in written:
+                    self.former_sites.add(site.addr)
+                else:
+                    site.armed = False
+
+    def _write_pass(self, items: list, pairs: list, written: set,
+                    note: bool = True) -> None:
+        """Target.write_many of ``pairs`` (one per item of ``items``, in order), noted
+        into the verification snapshot (see _note_written).  ``written`` receives
+        the items written, also when a PatchError (raised) stopped the pass."""
+        done = len(items)
+        try:
+            self.target.write_many(pairs)
+            if note:
+                self._note_written(pairs)
+        except PatchError as e:
             done = getattr(e, "done", 0)
             raise
         finally:
-            for site in sites[:done]:
-                self.former_sites.add(site.addr)
-            for site in sites[done:]:
-                site.armed = False
+            written.update(items[:done])
 
     def _disarm(self, site: Site) -> None:
         if site.armed and self._verify(site):
@@ -1285,14 +1302,12 @@ class ProbeManager:
         for site in todo:
             self.original.setdefault(site.region.addr,
                                      site.region.orig[: self.arch.jump_size])
+        written: set = set()
         try:
-            pairs = [(site.region.addr, site.jump) for site in todo]
-            self.target.write_many(pairs)
-            self._note_written(pairs)
-        except PatchError as e:
-            todo = todo[:getattr(e, "done", 0)]
-            raise
+            self._write_pass(todo, [(site.region.addr, site.jump) for site in todo],
+                             written)
         finally:
+            todo = [site for site in todo if site in written]
             for site in todo:
                 site.optimized = True
                 site.refusal = None
@@ -1578,15 +1593,11 @@ class ProbeManager:
                     todo.append((site, site.region.addr, site.region.orig[:jump]))
             elif site.armed and self._verify(site):
                 todo.append((site, site.addr, site.orig[:1]))
+        written: set = set()
         try:
-            pairs = [(addr, data) for _, addr, data in todo]
-            self.target.write_many(pairs)
-            self._note_written(pairs)
-        except PatchError as e:
-            todo = todo[:getattr(e, "done", 0)]
-            raise
+            self._write_pass(todo, [(addr, data) for _, addr, data in todo], written)
         finally:
-            for site, addr, data in todo:
+            for site, addr, data in [item for item in todo if item in written]:
                 if not site.optimized:
                     site.armed = False
                     continue
