@@ -197,19 +197,15 @@ class KernelService:
     def release(self, site, *, wait: bool) -> None:
         """Close ``site``'s kernel events (all threads stopped).  ``wait``: before our
         own int3 goes back (a late close would restore the original byte over it)."""
-        if getattr(site, "kernel", None) is not self:
-            return
-        self.manager.records.stash_kernel(self.ku.take(final=True))
-        now = self.counts(site)
-        site.kernel_base = [b + n for b, n in zip(site.kernel_base, now)]
-        site.kernel = None
-        self.ku.remove(site.id, wait=wait)
+        self._release([site], wait=wait)
 
     def release_all(self, *, wait: bool = False, defer: bool = False) -> None:
         """:meth:`release` for every served site, their events closed together
         (``defer``: see :meth:`close`)."""
-        sites = [s for s in self.manager.sites.values()
-                 if getattr(s, "kernel", None) is self]
+        self._release(list(self.manager.sites.values()), wait=wait, defer=defer)
+
+    def _release(self, sites, *, wait: bool, defer: bool = False) -> None:
+        sites = [s for s in sites if getattr(s, "kernel", None) is self]
         if not sites:
             return
         self.manager.records.stash_kernel(self.ku.take(final=True))

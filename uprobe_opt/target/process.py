@@ -302,35 +302,13 @@ class _Memory:
 
     def write(self, addr: int, data: bytes) -> None:
         """Write ``data`` at ``addr`` and read it back; PatchError on any failure."""
-        if self.fd is None:
-            self.open()
-        try:
-            done = os.pwrite(self.fd, data, addr)
-        except OSError as exc:
-            raise PatchError(f"cannot write {len(data)} bytes at {addr:#x} in process "
-                             f"{self.pid}: {exc.strerror}", pid=self.pid, addr=addr) from exc
-        if done == 0 and data:
-            raise ProcessGone(f"process {self.pid} is gone: its address space no longer "
-                              "exists", pid=self.pid, addr=addr)
-        if done != len(data):
-            raise PatchError(f"short write at {addr:#x} in process {self.pid}: {done} of "
-                             f"{len(data)} bytes", pid=self.pid, addr=addr)
-        try:
-            back = self.read(addr, len(data))
-        except ProcessGone:
-            raise
-        except TargetError as exc:
-            raise PatchError(str(exc), pid=self.pid, addr=addr) from exc
-        if back != bytes(data):
-            raise PatchError(f"write at {addr:#x} in process {self.pid} read back "
-                             f"{back.hex()} instead of {bytes(data).hex()}",
-                             pid=self.pid, addr=addr)
+        self.write_many([(addr, data)])
 
     def write_many(self, pairs: list[tuple[int, bytes]]) -> None:
         """Write each (addr, data) of ``pairs``, then read every one back (one read
         per run of nearby writes).  Raises PatchError (its ``done``: how many pairs,
-        from the first, were written and read back whole) or ProcessGone, like
-        :meth:`write`."""
+        from the first, were written and read back whole) or ProcessGone (the address
+        space is gone)."""
         if self.fd is None:
             self.open()
         for i, (addr, data) in enumerate(pairs):
@@ -1445,16 +1423,14 @@ class Target:
     def write(self, addr: int, data: bytes) -> None:
         """Write ``data`` at ``addr`` (r-x text too) and read it back; PatchError.
         ProcessGone once the process exec'd (see :meth:`accept_exec`)."""
-        self._check_alive()
-        self._check_image()
-        self._writes += 1
-        self._mem.write(addr, data)
+        self.write_many([(addr, data)])
 
     @_boundary
     def write_many(self, pairs: list[tuple[int, bytes]]) -> None:
         """:meth:`write` for each (addr, data) of ``pairs``, in order, with the checks
-        once and one read-back per page: a window that patches 1,000 sites.  PatchError
-        carries ``done``: how many pairs, from the first, were written whole."""
+        once and one read-back per run of nearby writes: a window that patches 1,000
+        sites.  PatchError carries ``done``: how many pairs, from the first, were
+        written whole."""
         self._check_alive()
         self._check_image()
         self._writes += 1
@@ -1782,14 +1758,11 @@ class Target:
     def _trap_pending(self, t: _Thread) -> bool:
         """SIGTRAP is in the thread's own pending set (/proc/PID/task/TID/status
         SigPnd: where the kernel queues an int3's trap)."""
+        st = _read_status(f"/proc/{self.pid}/task/{t.tid}/status") or {}
         try:
-            with open(f"/proc/{self.pid}/task/{t.tid}/status") as f:
-                for line in f:
-                    if line.startswith("SigPnd:"):
-                        return bool(int(line.split()[1], 16) & (1 << (signal.SIGTRAP - 1)))
-        except (OSError, ValueError, IndexError):
-            pass
-        return False
+            return bool(int(st.get("SigPnd", "0"), 16) & (1 << (signal.SIGTRAP - 1)))
+        except ValueError:
+            return False
 
     def _detach_thread(self, t: _Thread) -> bool:
         """False when the thread was killed meanwhile (ESRCH): it stays our tracee
